@@ -1,0 +1,52 @@
+# The two commands of README.md: `make demo` and `make test`. Each sets up .venv itself on first use.
+#
+# TORCH is what pip installs for PyTorch first, so that no other package pulls a different build:
+# on a CPU-only machine with the local wheel this resolves to that wheel; on a GPU machine to the
+# ordinary CUDA build from PyPI. Override it, e.g. `make test TORCH="torch==2.13.0 --index-url ..."`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DATA := data/talkingshapes/manifest.jsonl
+RUN := runs/demo-sft
+
+.PHONY: setup demo test test-all base benchmark clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+$(DEMO_DATA): $(STAMP)
+	$(BIN)/prefalign synth --out data/talkingshapes --num_clips 64 --seed 0
+
+# The SFT demo: score the untrained model, train (<= 10 min on 2 cores), score again, animate held-out clips.
+demo: $(DEMO_DATA)
+	rm -rf $(RUN)
+	$(BIN)/prefalign validate --config recipes/demo/sft.yaml --trainer.default_root_dir $(RUN)/untrained
+	$(BIN)/prefalign fit --config recipes/demo/sft.yaml
+	$(BIN)/prefalign predict --config recipes/demo/sft.yaml --ckpt_path $(RUN)/csv/version_0/checkpoints/last.ckpt \
+		--data.predict $(DEMO_DATA) --data.eval_batch_size 4 --trainer.limit_predict_batches 2
+	$(BIN)/python benchmarks/plot_run.py $(RUN)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m ""
+
+# Regenerates the shipped base checkpoint that the alignment demos start from.
+base: demo
+	$(BIN)/prefalign export --ckpt_path $(RUN)/csv/version_0/checkpoints/last.ckpt \
+		--out data/base/talkingshapes_base.safetensors
+
+benchmark: $(STAMP)
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf runs outputs data/talkingshapes benchmarks/out

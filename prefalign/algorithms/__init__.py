@@ -1,0 +1,6 @@
+"""Alignment algorithms, one paper per file; ``model.algorithm`` picks one."""
+
+from prefalign.algorithms.base import Algorithm
+from prefalign.algorithms.sft import SFT
+
+__all__ = ["Algorithm", "SFT"]

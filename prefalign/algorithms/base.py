@@ -1,0 +1,50 @@
+"""The Algorithm contract: which batch fields an alignment method needs, and how a batch becomes a loss."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from prefalign.data.errors import DataError
+
+if TYPE_CHECKING:
+    from prefalign.module import AlignmentModule
+
+
+class Algorithm:
+    """One alignment method. Plain class: configured from YAML as ``model.algorithm: {class_path, init_args}``.
+
+    A subclass sets ``required_fields`` (the batch fields it reads) and ``needs_reference`` (whether it calls
+    ``module.reference()``), and implements :meth:`loss`.
+    """
+
+    required_fields: tuple[str, ...] = ("video", "audio", "reference")
+    needs_reference: bool = False
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def check_fields(self, available: set[str], source: str) -> None:
+        """Fail at setup, not mid-epoch, when the data cannot feed this algorithm."""
+        for field in self.required_fields:
+            if field not in available:
+                raise DataError(
+                    f"the {self.name} algorithm needs the field '{field}', which this dataset does not provide "
+                    f"(it has: {', '.join(sorted(available)) or 'nothing'})",
+                    path=source,
+                    field=field,
+                )
+
+    def setup(self, module: AlignmentModule) -> None:
+        """Called once the module is on its device, before training (create buffers, snapshots)."""
+
+    def loss(self, module: AlignmentModule, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The scalar training loss for ``batch`` and the metrics to log (names without a prefix)."""
+        raise NotImplementedError
+
+
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per sample over all non-batch elements, in float32: ``[B, ...] -> [B]``."""
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)

@@ -1,0 +1,321 @@
+"""Video, audio and image I/O: PyAV (FFmpeg) for mp4 and wav, soxr for resampling, PIL for png.
+
+Readers turn any bad file into a ``DataError`` naming the file and the manifest field; writers write atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import wave
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import soxr
+from PIL import Image
+
+from prefalign.data.errors import DataError
+
+SILENCE_PEAK = 1e-4
+"""A track whose peak amplitude is below this is treated as silent (no speech to align to)."""
+
+MIN_SAMPLE_RATE = 8000
+"""Below this rate speech is not intelligible; such a file is almost certainly a mistake."""
+
+VIDEO_CRF = 10
+"""x264 constant rate factor: low enough that decoded frames are within a few grey levels of the originals."""
+
+
+def _check_exists(path: Path, field: str) -> None:
+    if not path.exists():
+        raise DataError("file not found", path=path, field=field)
+    if not path.is_file():
+        raise DataError("not a regular file", path=path, field=field)
+
+
+def _open_input(path: Path, field: str) -> av.container.InputContainer:
+    _check_exists(path, field)
+    try:
+        return av.open(str(path), mode="r")
+    except av.FFmpegError as error:
+        raise DataError(f"cannot open as media: {error}", path=path, field=field) from error
+
+
+def read_video(path: str | Path, field: str = "video") -> tuple[np.ndarray, float]:
+    """Decode every frame of the first video stream.
+
+    Args:
+        path (str | Path): a video file (mp4 or anything FFmpeg reads).
+        field (str): the manifest field named in errors.
+
+    Returns:
+        tuple[np.ndarray, float]: uint8 frames ``[T, H, W, 3]`` (RGB) and the frame rate.
+
+    Raises:
+        DataError: missing, corrupt or truncated file, no video stream, or no frames.
+    """
+    path = Path(path)
+    with _open_input(path, field) as container:
+        if not container.streams.video:
+            raise DataError("has no video stream", path=path, field=field)
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        if not rate or rate <= 0:
+            raise DataError("video stream has no frame rate", path=path, field=field)
+        expected = stream.frames  # from the container index; 0 when unknown
+        frames = []
+        try:
+            for frame in container.decode(stream):
+                frames.append(frame.to_ndarray(format="rgb24"))
+        except av.FFmpegError as error:
+            raise DataError(f"cannot decode video: {error}", path=path, field=field) from error
+    if not frames:
+        raise DataError("video has no frames", path=path, field=field)
+    # A cut file whose index sits at the front still opens and decodes; only the count gives it away. Two frames
+    # of slack: an edit list may legitimately hide a frame or two that the index still counts.
+    if expected and len(frames) < expected - 2:
+        raise DataError(f"video is truncated: decoded {len(frames)} of {expected} frames", path=path, field=field)
+    return np.stack(frames), float(rate)
+
+
+def read_audio(
+    path: str | Path,
+    sample_rate: int = 16000,
+    resample: bool = True,
+    field: str = "audio",
+) -> np.ndarray:
+    """Decode the first audio stream of a wav or mp4 as mono float32 at ``sample_rate``.
+
+    Args:
+        path (str | Path): a wav file, or a video file with an audio track.
+        sample_rate (int): the rate the caller needs, in Hz.
+        resample (bool): resample (soxr) when the file's rate differs; if False, a different rate is an error.
+        field (str): the manifest field named in errors.
+
+    Returns:
+        np.ndarray: float32 ``[S]`` in [-1, 1]; channels are averaged.
+
+    Raises:
+        DataError: missing or corrupt file, no audio stream, a rate below 8 kHz, a rate mismatch with
+            ``resample=False``, or a silent track.
+    """
+    path = Path(path)
+    with _open_input(path, field) as container:
+        if not container.streams.audio:
+            raise DataError("has no audio stream", path=path, field=field)
+        stream = container.streams.audio[0]
+        file_rate = stream.rate
+        if not file_rate or file_rate < MIN_SAMPLE_RATE:
+            raise DataError(
+                f"audio sample rate is {file_rate} Hz, below the minimum of {MIN_SAMPLE_RATE} Hz",
+                path=path,
+                field=field,
+            )
+        if file_rate != sample_rate and not resample:
+            raise DataError(
+                f"audio sample rate is {file_rate} Hz, expected {sample_rate} Hz (resampling is off)",
+                path=path,
+                field=field,
+            )
+        expected = None
+        if stream.duration is not None and stream.time_base is not None:
+            expected = float(stream.duration * stream.time_base) * file_rate
+        # Only converts the sample format (int16, planar float, ...) to planar float; rate and layout are kept.
+        converter = av.AudioResampler(format="fltp")
+        chunks = []
+        try:
+            for frame in container.decode(stream):
+                for converted in converter.resample(frame):
+                    chunks.append(converted.to_ndarray())
+            for converted in converter.resample(None):
+                chunks.append(converted.to_ndarray())
+        except av.FFmpegError as error:
+            raise DataError(f"cannot decode audio: {error}", path=path, field=field) from error
+    if not chunks:
+        raise DataError("audio has no samples", path=path, field=field)
+    audio = np.concatenate(chunks, axis=1).mean(axis=0).astype(np.float32)
+    # Encoders pad or prime by up to a frame or two (AAC: 1024 samples), so allow that much slack.
+    if expected is not None and audio.shape[0] < 0.99 * expected - 2048:
+        raise DataError(
+            f"audio is truncated: decoded {audio.shape[0]} of {int(expected)} samples", path=path, field=field
+        )
+    if float(np.abs(audio).max()) < SILENCE_PEAK:
+        raise DataError(f"audio is silent (peak below {SILENCE_PEAK})", path=path, field=field)
+    if file_rate != sample_rate:
+        audio = _soxr(audio, file_rate, sample_rate)
+    return audio
+
+
+def _soxr(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    return np.asarray(soxr.resample(audio, from_rate, to_rate), dtype=np.float32)
+
+
+def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """Resample mono audio with soxr (high quality).
+
+    Args:
+        audio (np.ndarray): ``[S]`` float samples.
+        from_rate (int): the rate of ``audio`` in Hz.
+        to_rate (int): the wanted rate in Hz.
+
+    Returns:
+        np.ndarray: float32 ``[round(S * to_rate / from_rate)]``.
+    """
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim != 1:
+        raise ValueError(f"expected mono audio [S], got shape {audio.shape}")
+    if from_rate <= 0 or to_rate <= 0:
+        raise ValueError(f"sample rates must be positive, got {from_rate} and {to_rate}")
+    if from_rate == to_rate:
+        return audio.copy()
+    return _soxr(audio, from_rate, to_rate)
+
+
+def video_codec() -> str:
+    """The mp4 video encoder to use: H.264 (libx264) where this PyAV build has it, else MPEG-4 part 2."""
+    return "libx264" if "libx264" in av.codecs_available else "mpeg4"
+
+
+def _temp_path(path: Path) -> Path:
+    # Same folder so that os.replace is an atomic rename, never a cross-device copy.
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_video(
+    path: str | Path,
+    frames: np.ndarray,
+    fps: float,
+    audio: np.ndarray | None = None,
+    sample_rate: int = 16000,
+) -> None:
+    """Write frames (and optionally a mono audio track) to an mp4, atomically.
+
+    H.264 yuv420p at CRF 10 so that the file plays everywhere and decodes close to the input; MPEG-4 part 2 at a
+    high bit rate where the PyAV build lacks libx264. The audio track is AAC.
+
+    Args:
+        path (str | Path): the mp4 to write; its folder must exist.
+        frames (np.ndarray): uint8 ``[T, H, W, 3]`` RGB, H and W even (yuv420p halves the chroma resolution).
+        fps (float): frames per second.
+        audio (np.ndarray | None): float ``[S]`` in [-1, 1], or None for a silent file.
+        sample_rate (int): the rate of ``audio`` in Hz.
+    """
+    path = Path(path)
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+        raise ValueError(f"expected uint8 frames [T, H, W, 3] with T > 0, got {frames.dtype} {frames.shape}")
+    height, width = frames.shape[1:3]
+    if height % 2 or width % 2:
+        raise ValueError(f"yuv420p needs even frame sizes, got {height}x{width}")
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    if audio is not None:
+        audio = np.asarray(audio, dtype=np.float32)
+        if audio.ndim != 1 or audio.shape[0] == 0:
+            raise ValueError(f"expected mono audio [S] with S > 0, got shape {audio.shape}")
+        audio = np.clip(audio, -1.0, 1.0)
+
+    rate = Fraction(fps).limit_denominator(100000)
+    codec = video_codec()
+    tmp = _temp_path(path)
+    try:
+        with av.open(str(tmp), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
+            if codec == "libx264":
+                # mbtree off: with it, x264's SIMD code made tiny frames encode differently from call to call (bytes
+                # and pixels; asm=0 also cured it). One thread, so that the output is reproducible.
+                options = {"crf": str(VIDEO_CRF), "preset": "medium", "threads": "1", "x264-params": "mbtree=0"}
+                video = container.add_stream(codec, rate=rate, options=options)
+            else:
+                video = container.add_stream(codec, rate=rate)
+                video.bit_rate = max(2_000_000, int(4 * width * height * float(rate)))  # 4 bits per pixel
+            video.width = width
+            video.height = height
+            video.pix_fmt = "yuv420p"
+            sound = None
+            if audio is not None:
+                sound = container.add_stream("aac", rate=sample_rate, layout="mono")
+                sound.bit_rate = 96_000
+
+            # Audio is fed frame by frame alongside the video so that the muxer can interleave the two tracks.
+            audio_done = 0
+            for index, image in enumerate(frames):
+                frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+                frame.pts = index
+                frame.time_base = 1 / rate
+                container.mux(video.encode(frame))
+                if sound is not None:
+                    audio_end = int((index + 1) * sample_rate / rate)
+                    audio_end = len(audio) if index == len(frames) - 1 else min(audio_end, len(audio))
+                    if audio_end > audio_done:
+                        container.mux(sound.encode(_audio_frame(audio[audio_done:audio_end], audio_done, sample_rate)))
+                        audio_done = audio_end
+            container.mux(video.encode(None))
+            if sound is not None:
+                container.mux(sound.encode(None))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _audio_frame(samples: np.ndarray, start: int, sample_rate: int) -> av.AudioFrame:
+    frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[None, :]), format="fltp", layout="mono")
+    frame.sample_rate = sample_rate
+    frame.pts = start
+    frame.time_base = Fraction(1, sample_rate)
+    return frame
+
+
+def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> None:
+    """Write mono audio as 16-bit PCM wav, atomically.
+
+    Args:
+        path (str | Path): the wav to write.
+        audio (np.ndarray): float ``[S]``; values outside [-1, 1] are clipped.
+        sample_rate (int): in Hz.
+    """
+    path = Path(path)
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim != 1:
+        raise ValueError(f"expected mono audio [S], got shape {audio.shape}")
+    # Scale by 32768 as FFmpeg does when it decodes, so that a write-read round trip is exact to half a step.
+    pcm = np.clip(np.round(audio.astype(np.float64) * 32768.0), -32768, 32767).astype("<i2")
+    tmp = _temp_path(path)
+    try:
+        with wave.open(str(tmp), "wb") as out:
+            out.setnchannels(1)
+            out.setsampwidth(2)
+            out.setframerate(int(sample_rate))
+            out.writeframes(pcm.tobytes())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_image(path: str | Path, field: str = "reference") -> np.ndarray:
+    """Read an image as uint8 ``[H, W, 3]`` RGB (alpha dropped, greyscale expanded).
+
+    Raises:
+        DataError: missing file, or not an image PIL can decode.
+    """
+    path = Path(path)
+    _check_exists(path, field)
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"cannot read image: {error}", path=path, field=field) from error
+
+
+def write_image(path: str | Path, image: np.ndarray) -> None:
+    """Write a uint8 ``[H, W, 3]`` RGB image as png, atomically."""
+    path = Path(path)
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"expected a uint8 image [H, W, 3], got {image.dtype} {image.shape}")
+    tmp = _temp_path(path)
+    try:
+        Image.fromarray(image).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,82 @@
+"""The clip schema: manifests (jsonl, json, parquet, csv or a Hub dataset) read with HF ``datasets``, and their columns.
+
+A row names ``video`` (mp4 with its audio), optional ``audio`` (else the video's track), optional ``reference``
+image (else the video's first frame), optional ``pose`` (keypoints per frame, .npy or .json), optional ``text``;
+preference pairs add ``rejected``. Relative paths are relative to the manifest's folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from prefalign.data.errors import DataError
+
+#: Columns a manifest may carry; any other column is passed through untouched.
+MEDIA_COLUMNS = ("video", "audio", "reference", "pose", "rejected")
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class Manifest:
+    """Rows of one manifest and where their relative paths start."""
+
+    source: str
+    rows: list[dict]
+    root: Optional[Path]
+
+    @property
+    def columns(self) -> set[str]:
+        return set(self.rows[0]) if self.rows else set()
+
+    def resolve(self, value: str) -> str:
+        """A media path of a row, made absolute against the manifest's folder."""
+        path = Path(value)
+        if self.root is None or path.is_absolute() or "://" in value:
+            return value
+        return str(self.root / path)
+
+    def fields(self) -> set[str]:
+        """The batch fields this manifest can provide, counting those derived from the video."""
+        fields = {c for c in self.columns if any(row.get(c) is not None for row in self.rows)}
+        if "video" in fields:
+            fields |= {"audio", "reference"}
+        return fields
+
+
+def load_manifest(source: str, split: str = "train") -> Manifest:
+    """Read a manifest: a local jsonl/json/parquet/csv file, or a Hub dataset id (read from the local cache
+    when offline). Every row must name a ``video``, or an ``audio`` and a ``reference`` (conditions to predict)."""
+    import datasets
+
+    path = Path(source)
+    if path.suffix in LOCAL_FORMATS:
+        if not path.is_file():
+            raise DataError("manifest not found", path=source)
+        try:
+            table = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+        except Exception as error:  # datasets wraps parser errors in several types
+            raise DataError(f"cannot parse the manifest ({type(error).__name__}: {error})", path=source) from None
+        root: Optional[Path] = path.resolve().parent
+    elif path.exists():
+        raise DataError(f"unknown manifest format '{path.suffix}' (use one of {sorted(LOCAL_FORMATS)})", path=source)
+    else:
+        try:
+            table = datasets.load_dataset(source, split=split)
+        except Exception as error:
+            raise DataError(f"cannot load the dataset ({type(error).__name__}: {error})", path=source) from None
+        root = None
+    rows = table.to_list()
+    if not rows:
+        raise DataError("the manifest has no rows", path=source)
+    for index, row in enumerate(rows):
+        has_video = row.get("video") is not None
+        if not has_video and (row.get("audio") is None or row.get("reference") is None):
+            missing = "video" if "video" not in row else "video' (or 'audio' and 'reference"
+            raise DataError(f"row {index} has no '{missing}'", path=source, field="video")
+        for column in MEDIA_COLUMNS:
+            value = row.get(column)
+            if value is not None and not isinstance(value, str):
+                raise DataError(f"row {index}: expected a file path, got {type(value).__name__}", path=source, field=column)
+    return Manifest(source=source, rows=rows, root=root)

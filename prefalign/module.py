@@ -1,0 +1,312 @@
+"""AlignmentModule: wires the denoiser, the process and the algorithm; owns optimizers, LoRA and the reference policy."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from safetensors.torch import load_file
+from torch import nn
+
+from prefalign import metrics
+from prefalign.algorithms.base import Algorithm, per_sample_mse
+from prefalign.algorithms.sft import SFT
+from prefalign.data.errors import DataError
+from prefalign.denoisers.base import PortraitDenoiser
+from prefalign.processes.base import Process
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters (peft) on the backbone; the base weights stay frozen."""
+
+    rank: int = 16
+    """Adapter rank r."""
+    alpha: Optional[float] = None
+    """Scaling numerator: the update is scaled by alpha / rank (defaults to rank, i.e. scale 1)."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input."""
+    target_modules: Optional[list[str]] = None
+    """Module names (suffixes) to adapt; defaults to the backbone family's attention and MLP projections."""
+    train_new_modules: bool = True
+    """Also train the conditioning modules the denoiser adds (audio attention...) in full; their values at the
+    start are kept so that ``reference()`` still gives the starting model exactly."""
+
+
+@dataclass
+class SamplingSettings:
+    """How videos are sampled for validation and ``predict``."""
+
+    num_steps: int = 20
+    """Sampler steps from noise to data."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance on speech (1 = off; >1 needs a model trained with ``cond_dropout``)."""
+    stochastic: bool = False
+    """Use the process's stochastic step (SDE / DDIM with eta) instead of the deterministic one."""
+    seed: int = 0
+    """Seed of the initial noise, so that validation figures are comparable across epochs."""
+
+
+class AlignmentModule(L.LightningModule):
+    """The Lightning core shared by every alignment method.
+
+    Args:
+        denoiser (PortraitDenoiser): the portrait video model (backbone + codec + conditioning).
+        process (Process): flow matching or diffusion: noising, targets, the sampler.
+        algorithm (Algorithm | None): the alignment method (``SFT`` when not given). One YAML key swaps it.
+        lora (LoraSettings | None): train LoRA adapters (peft) instead of the full weights.
+        init_weights (str | None): a safetensors file of denoiser weights to start from (e.g. the demo base
+            checkpoint ``data/base/talkingshapes_base.safetensors``); loaded before LoRA is added.
+        optimizer (OptimizerCallable): the optimizer, built on the trainable parameters.
+        lr_scheduler (LRSchedulerCallable | None): a scheduler stepped every optimizer step.
+        sampling (SamplingSettings): sampling for validation metrics and ``predict``.
+        val_sample_batches (int): validation batches whose videos are sampled and scored (sampling is the
+            costly part of validation; the loss is computed on every batch).
+    """
+
+    def __init__(
+        self,
+        denoiser: PortraitDenoiser,
+        process: Process,
+        algorithm: Optional[Algorithm] = None,
+        lora: Optional[LoraSettings] = None,
+        init_weights: Optional[str] = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        sampling: SamplingSettings = SamplingSettings(),
+        val_sample_batches: int = 1,
+    ):
+        super().__init__()
+        self.denoiser = denoiser
+        self.process = process
+        self.algorithm = algorithm if algorithm is not None else SFT()
+        self.lora = lora
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.sampling = sampling
+        self.val_sample_batches = val_sample_batches
+        if init_weights is not None:
+            load_denoiser_weights(denoiser, init_weights)
+        if lora is not None:
+            self._add_lora(lora)
+        self._reference: Optional[PortraitDenoiser] = None
+
+    # --- parameters -------------------------------------------------------------------------------------------------
+    def _add_lora(self, settings: LoraSettings) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        backbone = self.denoiser.backbone
+        backbone.requires_grad_(False)
+        config = LoraConfig(
+            r=settings.rank,
+            lora_alpha=settings.alpha if settings.alpha is not None else settings.rank,
+            lora_dropout=settings.dropout,
+            target_modules=list(settings.target_modules or self.denoiser.default_lora_targets),
+        )
+        inject_adapter_in_model(config, backbone)
+        for name, param in backbone.named_parameters():
+            param.requires_grad_("lora_" in name)
+        for module in self.denoiser.new_modules().values():
+            module.requires_grad_(settings.train_new_modules)
+        if settings.train_new_modules:
+            # Kept as buffers so that a checkpoint carries the reference exactly.
+            self.reference_snapshot = nn.Module()
+            for name, param in self._new_module_parameters():
+                self.reference_snapshot.register_buffer(name.replace(".", "__"), param.detach().clone())
+
+    def _new_module_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for prefix, module in self.denoiser.new_modules().items():
+            for name, param in module.named_parameters():
+                yield f"{prefix}.{name}", param
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        params = self.trainable_parameters()
+        if not params:
+            raise ValueError("nothing to train: every parameter is frozen (check `lora` and the denoiser's options)")
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- the reference policy -----------------------------------------------------------------------------------
+    @contextmanager
+    def reference(self) -> Iterator[Callable[..., torch.Tensor]]:
+        """Run the frozen reference policy: ``with module.reference() as ref: pred = ref(x_t, t, cond)``.
+
+        Under LoRA the adapters are switched off (no second copy of the weights) and any fully trained new
+        modules take their starting values; under full fine-tuning it is a frozen copy made at setup.
+        """
+        with torch.no_grad():
+            if self.lora is None:
+                if self._reference is None:
+                    raise RuntimeError(f"{self.algorithm.name} uses a reference policy but none was set up")
+                yield self._reference
+                return
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            layers = [m for m in self.denoiser.modules() if isinstance(m, BaseTunerLayer)]
+            for layer in layers:
+                layer.enable_adapters(False)
+            try:
+                snapshot = getattr(self, "reference_snapshot", None)
+                if snapshot is None:
+                    yield self.denoiser
+                else:
+                    start = {name.replace("__", "."): value for name, value in snapshot.named_buffers()}
+                    yield lambda *args, **kwargs: torch.func.functional_call(self.denoiser, start, args, kwargs)
+            finally:
+                for layer in layers:
+                    layer.enable_adapters(True)
+
+    def refresh_reference(self) -> None:
+        """Make the reference equal to the current policy (online DPO, self-play). Full fine-tuning only."""
+        if self.lora is not None:
+            raise NotImplementedError("refreshing the reference under LoRA needs a second adapter; use full weights")
+        if self._reference is None:
+            # Share the frozen codec (and a frozen audio encoder) instead of copying their weights.
+            memo = {id(self.denoiser.codec): self.denoiser.codec}
+            encoder = self.denoiser.audio_encoder
+            if encoder is not None and not any(p.requires_grad for p in encoder.parameters()):
+                memo[id(encoder)] = encoder
+            self._reference = copy.deepcopy(self.denoiser, memo).requires_grad_(False).eval()
+        else:
+            self._reference.load_state_dict(self.denoiser.state_dict())
+
+    # --- Lightning hooks ------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if stage == "fit" and datamodule is not None and hasattr(datamodule, "available_fields"):
+            self.algorithm.check_fields(datamodule.available_fields("train"), datamodule.source("train"))
+        if stage == "fit" and self.algorithm.needs_reference and self.lora is None and self._reference is None:
+            self.refresh_reference()
+        if stage == "fit":
+            self.algorithm.setup(self)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        self._log_skips(batch, "train")
+        if batch.get("size", 1) == 0:
+            return None  # every sample of this batch was skipped (and counted)
+        loss, logged = self.algorithm.loss(self, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{self.algorithm.name}: non-finite loss {loss.item()} at step {self.global_step}")
+        batch_size = len(batch["id"])
+        for name, value in logged.items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._log_skips(batch, "val")
+        if batch.get("size", 1) == 0:
+            return
+        batch_size = len(batch["id"])
+        self.log("val/loss", self.denoising_loss(batch, seed=batch_idx), prog_bar=True, batch_size=batch_size)
+        if batch_idx >= self.val_sample_batches:
+            return
+        video = self.generate(batch, num_frames=batch["video"].shape[1])
+        scores = self.score_videos(video, batch)
+        for name, value in scores.items():
+            self.log(f"val/{name}", value.mean(), prog_bar=name == "sync", batch_size=batch_size)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        num_frames = batch["video"].shape[1] if "video" in batch else int(batch["num_frames"][0])
+        video = self.generate(batch, num_frames=num_frames)
+        return {"id": batch["id"], "video": video.cpu(), "audio": batch.get("audio")}
+
+    def _log_skips(self, batch: dict, split: str) -> None:
+        if "skipped" in batch:
+            self.log(f"{split}/skipped_samples", float(batch["skipped"]), reduce_fx="sum", batch_size=1)
+
+    # --- shared building blocks for algorithms, validation and predict --------------------------------------------------
+    def denoising_loss(self, batch: dict, seed: int = 0) -> torch.Tensor:
+        """The plain denoising loss with seeded noise and timesteps: comparable across epochs and algorithms."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        x0 = self.denoiser.encode_video(batch["video"])
+        cond = self.denoiser.condition(batch)
+        eps = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
+        t = self.process.sample_t(x0.shape[0], device=self.device, generator=generator)
+        pred = self.denoiser(self.process.noise(x0, eps, t), self.process.model_time(t), cond)
+        return per_sample_mse(pred, self.process.target(x0, eps, t)).mean()
+
+    @torch.no_grad()
+    def generate(self, batch: dict, num_frames: int, settings: Optional[SamplingSettings] = None) -> torch.Tensor:
+        """Sample videos ``[B, T, 3, H, W]`` in [0, 1] for the batch's conditions (reference image, audio)."""
+        settings = settings or self.sampling
+        reference = batch["reference"]
+        shape = (reference.shape[0], *self.denoiser.latent_shape(num_frames, *reference.shape[-2:]))
+        cond = self.denoiser.condition(batch, num_frames=num_frames)
+        generator = torch.Generator(device=self.device).manual_seed(settings.seed)
+        x = self.process.prior(shape, device=self.device, generator=generator).to(reference.dtype)
+        schedule = self.process.timesteps(settings.num_steps, device=self.device)
+        uncond = None
+        if settings.guidance_scale != 1.0:
+            uncond = self.denoiser.drop_conditions(cond, torch.zeros(shape[0], dtype=torch.bool, device=self.device))
+        for t, t_next in zip(schedule[:-1], schedule[1:]):
+            model_t = self.process.model_time(t.expand(shape[0]))
+            pred = self.denoiser(x, model_t, cond)
+            if uncond is not None:
+                pred_uncond = self.denoiser(x, model_t, uncond)
+                pred = pred_uncond + settings.guidance_scale * (pred - pred_uncond)
+            x = self.process.step(pred, x, t, t_next, stochastic=settings.stochastic, generator=generator).sample
+        return self.denoiser.decode(x)
+
+    def score_videos(self, video: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """TalkingShapes metrics of sampled videos against the batch's audio, reference and ground truth."""
+        sample_rate = self.denoiser.audio_encoder.sample_rate if self.denoiser.audio_encoder is not None else 16000
+        scores = {
+            "sync": metrics.sync_score(video, batch["audio"], sample_rate, self.denoiser.fps),
+            "identity": metrics.identity_drift(video, batch["reference"]),
+        }
+        if "video" in batch:
+            scores["jitter"] = metrics.jitter(video, batch["video"])
+            scores["sync_ground_truth"] = metrics.sync_score(batch["video"], batch["audio"], sample_rate, self.denoiser.fps)
+        return scores
+
+
+def load_denoiser_weights(denoiser: PortraitDenoiser, path: str) -> None:
+    """Load a safetensors file of denoiser weights; every tensor in the file must find its parameter."""
+    try:
+        state = load_file(path)
+    except FileNotFoundError:
+        raise DataError("weights file not found", path=path, field="model.init_weights") from None
+    except Exception as error:  # safetensors raises its own error types for corrupt headers
+        raise DataError(f"cannot read weights ({error})", path=path, field="model.init_weights") from None
+    result = denoiser.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise DataError(
+            f"{len(result.unexpected_keys)} tensors do not belong to this denoiser, e.g. {result.unexpected_keys[:3]} "
+            "(does the recipe's denoiser config match the one the weights were trained with?)",
+            path=path,
+            field="model.init_weights",
+        )
+    trained = [k for k in result.missing_keys if not k.startswith(("codec.", "audio_encoder."))]
+    if trained:
+        raise DataError(
+            f"{len(trained)} denoiser tensors are missing, e.g. {trained[:3]}", path=path, field="model.init_weights"
+        )
+
+
+def export_denoiser_weights(checkpoint: str, out: str) -> None:
+    """Write the denoiser weights of a Lightning checkpoint as one safetensors file (what ``init_weights`` reads)."""
+    from safetensors.torch import save_file
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    weights = {
+        key.removeprefix("denoiser."): value.contiguous()
+        for key, value in state.items()
+        if key.startswith("denoiser.") and not key.startswith("denoiser.codec.")
+    }
+    if any("lora_" in key for key in weights):
+        raise ValueError(f"{checkpoint} is a LoRA run: export its adapters, not merged base weights")
+    save_file(weights, out, metadata={"source": str(checkpoint)})

@@ -1,0 +1,176 @@
+"""Loading the clip schema from disk, and the clear errors every bad input gets."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from prefalign.data import media
+from prefalign.data.datamodule import PortraitDataModule, collate_clips
+from prefalign.data.errors import DataError
+from prefalign.data.schema import load_manifest
+
+
+def rows(manifest):
+    return [json.loads(line) for line in manifest.read_text().splitlines()]
+
+
+def write_manifest(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_generated_dataset_loads(talkingshapes):
+    dm = PortraitDataModule(train=str(talkingshapes), val_fraction=0.25, batch_size=4, num_frames=17)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["video"].shape == (4, 17, 3, 32, 32)
+    assert batch["audio"].shape == (4, 17 * 640)
+    assert batch["reference"].shape == (4, 3, 32, 32)
+    assert batch["pose"].shape == (4, 17, 8, 2)
+    assert 0 <= batch["video"].min() and batch["video"].max() <= 1
+    assert batch["skipped"] == 0 and len(batch["id"]) == 4
+    # The split is deterministic and disjoint.
+    train, val = dm.split("train")[1], dm.split("val")[1]
+    assert len(val) == 3 and not set(train) & set(val)
+    assert PortraitDataModule(train=str(talkingshapes), val_fraction=0.25).split("val")[1] == val
+    assert dm.available_fields("train") >= {"video", "audio", "reference", "pose"}
+
+
+def test_decoded_audio_matches_the_wav(talkingshapes):
+    dm = PortraitDataModule(train=str(talkingshapes), val_fraction=0.0, num_frames=17)
+    item = dm.dataset("train")[0]
+    wav = media.read_audio(talkingshapes.parent / rows(talkingshapes)[0]["audio"])
+    np.testing.assert_allclose(item["audio"].numpy(), wav[: 17 * 640], atol=1e-6)
+
+
+def test_random_crop_keeps_audio_and_pose_aligned(talkingshapes, tmp_path):
+    # A 9-frame crop of a 17-frame clip: the audio slice must follow the crop's start.
+    dm = PortraitDataModule(train=str(talkingshapes), val_fraction=0.0, num_frames=9, cache_decoded=True)
+    dataset = dm.dataset("train")
+    full = PortraitDataModule(train=str(talkingshapes), val_fraction=0.0).dataset("train")[0]
+    torch.manual_seed(3)
+    for _ in range(5):
+        item = dataset[0]
+        start = [s for s in range(9) if torch.equal(full["video"][s : s + 9], item["video"])][0]
+        torch.testing.assert_close(item["audio"], full["audio"][start * 640 : (start + 9) * 640])
+        torch.testing.assert_close(item["pose"], full["pose"][start : start + 9])
+
+
+@pytest.fixture
+def bad_dir(talkingshapes, tmp_path):
+    """A copy of two clips that each test then breaks in one way."""
+    for row in rows(talkingshapes)[:2]:
+        for key in ("video", "audio", "reference", "pose"):
+            target = tmp_path / row[key]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(talkingshapes.parent / row[key], target)
+    return tmp_path, rows(talkingshapes)[:2]
+
+
+def load_first(manifest, **kwargs):
+    dm = PortraitDataModule(train=str(manifest), val_fraction=0.0, **kwargs)
+    return dm.dataset("train")[0]
+
+
+def assert_names(error, path_part, field):
+    assert path_part in str(error.value) and f"field '{field}'" in str(error.value)
+
+
+def test_corrupt_video(bad_dir):
+    root, records = bad_dir
+    (root / records[0]["video"]).write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(DataError) as error:
+        load_first(write_manifest(root / "m.jsonl", records))
+    assert_names(error, records[0]["video"], "video")
+
+
+def test_truncated_video(bad_dir):
+    root, records = bad_dir
+    path = root / records[0]["video"]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError) as error:
+        load_first(write_manifest(root / "m.jsonl", records))
+    assert_names(error, records[0]["video"], "video")
+
+
+def test_video_without_audio_when_audio_is_required(bad_dir):
+    root, records = bad_dir
+    path = root / records[0]["video"]
+    frames, fps = media.read_video(path)
+    media.write_video(path, frames, fps, audio=None)
+    record = {k: v for k, v in records[0].items() if k != "audio"}  # audio must come from the video
+    with pytest.raises(DataError) as error:
+        load_first(write_manifest(root / "m.jsonl", [record]))
+    assert_names(error, records[0]["video"], "audio")
+
+
+def test_pose_length_mismatch(bad_dir):
+    root, records = bad_dir
+    path = root / records[0]["pose"]
+    np.save(path, np.load(path)[:10])
+    with pytest.raises(DataError, match="pose has 10 frames, the video 17") as error:
+        load_first(write_manifest(root / "m.jsonl", records))
+    assert_names(error, records[0]["pose"], "pose")
+
+
+def test_missing_column(tmp_path):
+    manifest = write_manifest(tmp_path / "m.jsonl", [{"id": "a", "reference": "x.png"}])
+    with pytest.raises(DataError) as error:
+        load_manifest(str(manifest))
+    assert_names(error, "m.jsonl", "video")
+
+
+def test_wrong_sample_rate(bad_dir):
+    root, records = bad_dir
+    path = root / records[0]["audio"]
+    audio = media.read_audio(path)
+    media.write_wav(path, media.resample(audio, 16000, 44100), 44100)
+    manifest = write_manifest(root / "m.jsonl", records)
+    with pytest.raises(DataError, match="44100") as error:
+        load_first(manifest, resample_audio=False)
+    assert_names(error, records[0]["audio"], "audio")
+    # With resampling on (the default), the same file loads at the model's rate.
+    assert load_first(manifest)["audio"].shape[0] == 17 * 640
+
+
+def test_audio_shorter_than_video(bad_dir):
+    root, records = bad_dir
+    path = root / records[0]["audio"]
+    media.write_wav(path, media.read_audio(path)[:4000], 16000)
+    with pytest.raises(DataError, match="audio lasts 0.250 s but the video 0.680 s") as error:
+        load_first(write_manifest(root / "m.jsonl", records))
+    assert_names(error, records[0]["audio"], "audio")
+
+
+def test_reference_of_another_size(bad_dir):
+    root, records = bad_dir
+    media.write_image(root / records[0]["reference"], np.zeros((16, 16, 3), np.uint8))
+    with pytest.raises(DataError) as error:
+        load_first(write_manifest(root / "m.jsonl", records))
+    assert_names(error, records[0]["reference"], "reference")
+
+
+def test_bad_samples_are_skipped_and_counted(bad_dir):
+    root, records = bad_dir
+    (root / records[0]["video"]).write_bytes(b"not a video")
+    manifest = write_manifest(root / "m.jsonl", records)
+    dm = PortraitDataModule(train=str(manifest), val_fraction=0.0, batch_size=2, on_bad_sample="skip")
+    batch = next(iter(dm._loader("train", shuffle=False)))
+    assert batch["skipped"] == 1 and batch["size"] == 1 and batch["id"] == [records[1]["id"]]
+    assert collate_clips([None, None])["size"] == 0
+
+
+def test_unknown_manifest_format(tmp_path):
+    (tmp_path / "m.txt").write_text("video\n")
+    with pytest.raises(DataError, match="unknown manifest format"):
+        load_manifest(str(tmp_path / "m.txt"))
+
+
+def test_conditions_without_video_for_predict(bad_dir):
+    root, records = bad_dir
+    record = {"id": "talk", "audio": records[0]["audio"], "reference": records[0]["reference"]}
+    item = load_first(write_manifest(root / "m.jsonl", [record]))
+    assert item["num_frames"] == 17 and item["audio"].shape[0] == 17 * 640 and "video" not in item
