@@ -9,6 +9,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DATA := data/talkingshapes/manifest.jsonl
+HELDOUT := data/talkingshapes-heldout/manifest.jsonl
 RUN := runs/demo-sft
 
 .PHONY: setup demo test test-all base benchmark clean
@@ -25,13 +26,16 @@ setup: $(STAMP)
 $(DEMO_DATA): $(STAMP)
 	$(BIN)/prefalign synth --out data/talkingshapes --num_clips 64 --seed 0
 
+$(HELDOUT): $(STAMP)
+	$(BIN)/prefalign synth --out data/talkingshapes-heldout --num_clips 16 --seed 1
+
 # The SFT demo: score the untrained model, train (<= 10 min on 2 cores), score again, animate held-out clips.
-demo: $(DEMO_DATA)
+demo: $(DEMO_DATA) $(HELDOUT)
 	rm -rf $(RUN)
-	$(BIN)/prefalign validate --config recipes/demo/sft.yaml --trainer.default_root_dir $(RUN)/untrained
+	$(BIN)/prefalign validate --config recipes/demo/sft.yaml
 	$(BIN)/prefalign fit --config recipes/demo/sft.yaml
-	$(BIN)/prefalign predict --config recipes/demo/sft.yaml --ckpt_path $(RUN)/csv/version_0/checkpoints/last.ckpt \
-		--data.predict $(DEMO_DATA) --data.eval_batch_size 4 --trainer.limit_predict_batches 2
+	$(BIN)/prefalign predict --config recipes/demo/sft.yaml --ckpt_path $(RUN)/csv/version_1/checkpoints/last.ckpt \
+		--data.predict $(HELDOUT) --trainer.limit_predict_batches 1
 	$(BIN)/python benchmarks/plot_run.py $(RUN)
 
 test: $(STAMP)
@@ -42,7 +46,7 @@ test-all: $(STAMP)
 
 # Regenerates the shipped base checkpoint that the alignment demos start from.
 base: demo
-	$(BIN)/prefalign export --ckpt_path $(RUN)/csv/version_0/checkpoints/last.ckpt \
+	$(BIN)/prefalign export --ckpt_path $(RUN)/csv/version_1/checkpoints/last.ckpt \
 		--out data/base/talkingshapes_base.safetensors
 
 benchmark: $(STAMP)

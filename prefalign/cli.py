@@ -12,6 +12,7 @@ from lightning.pytorch.cli import LightningCLI
 from prefalign.data.datamodule import PortraitDataModule
 from prefalign.data.synthetic import synth
 from prefalign.module import AlignmentModule, export_denoiser_weights
+from prefalign.pairs import import_labels, sample_pairs
 
 
 def export(ckpt_path: str, out: str) -> None:
@@ -26,7 +27,12 @@ def export(ckpt_path: str, out: str) -> None:
 
 
 #: Subcommands that are plain typed functions, next to LightningCLI's fit/validate/test/predict.
-COMMANDS: dict[str, Callable] = {"synth": synth, "export": export}
+COMMANDS: dict[str, Callable] = {
+    "synth": synth,
+    "export": export,
+    "pairs": sample_pairs,
+    "labels": import_labels,
+}
 
 USAGE = """usage: prefalign {fit,validate,test,predict} --config FILE [...]   (LightningCLI; --help on each)
        prefalign {%s} [...]                                            (--help on each)

@@ -58,6 +58,28 @@ def luminance(video: torch.Tensor) -> torch.Tensor:
     return torch.einsum("btchw,c->bthw", video, weights)
 
 
+def mouth_box(
+    pose: torch.Tensor, height: int, width: int, half_width: float = 0.4, half_height: float = 0.5
+) -> torch.Tensor:
+    """Pixels whose centre lies in the box mouth ± (half_width·d, half_height·d), d the eye distance in pixels.
+
+    Args:
+        pose (torch.Tensor): ``[B, T, 8, 2]`` TalkingShapes keypoints in [0, 1] (eyes 1 and 2, mouth 3).
+
+    Returns:
+        torch.Tensor: ``[B, T, H, W]`` bool.
+    """
+    scale = torch.tensor([width, height], dtype=pose.dtype, device=pose.device)
+    points = pose * scale  # pixel units
+    eye_distance = (points[:, :, 1] - points[:, :, 2]).norm(dim=-1)
+    mouth = points[:, :, 3]
+    xs = torch.arange(width, dtype=pose.dtype, device=pose.device) + 0.5
+    ys = torch.arange(height, dtype=pose.dtype, device=pose.device) + 0.5
+    in_x = (xs.view(1, 1, 1, width) - mouth[..., 0, None, None]).abs() <= half_width * eye_distance[..., None, None]
+    in_y = (ys.view(1, 1, height, 1) - mouth[..., 1, None, None]).abs() <= half_height * eye_distance[..., None, None]
+    return in_x & in_y
+
+
 def mouth_openness(
     video: torch.Tensor,
     pose: torch.Tensor | None = None,
@@ -79,15 +101,7 @@ def mouth_openness(
         batch, frames, height, width = dark.shape
         if pose.shape != (batch, frames, 8, 2):
             raise ValueError(f"expected pose [{batch}, {frames}, 8, 2], got {tuple(pose.shape)}")
-        scale = torch.tensor([width, height], dtype=pose.dtype, device=pose.device)
-        points = pose * scale  # pixel units
-        eye_distance = (points[:, :, 1] - points[:, :, 2]).norm(dim=-1)
-        mouth = points[:, :, 3]
-        xs = torch.arange(width, dtype=pose.dtype, device=pose.device) + 0.5
-        ys = torch.arange(height, dtype=pose.dtype, device=pose.device) + 0.5
-        in_x = (xs.view(1, 1, 1, width) - mouth[..., 0, None, None]).abs() <= 0.4 * eye_distance[..., None, None]
-        in_y = (ys.view(1, 1, height, 1) - mouth[..., 1, None, None]).abs() <= 0.5 * eye_distance[..., None, None]
-        dark = dark & in_x & in_y
+        dark = dark & mouth_box(pose, height, width)
     return dark.sum(dim=(-2, -1)).to(_float_at_least_32(video.dtype))
 
 

@@ -206,6 +206,9 @@ class AlignmentModule(L.LightningModule):
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
         return loss
 
+    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+        self.algorithm.on_step_end(self)
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._log_skips(batch, "val")
         if batch.get("size", 1) == 0:

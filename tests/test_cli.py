@@ -51,7 +51,7 @@ def test_fit_then_predict_end_to_end(talkingshapes, tmp_path, monkeypatch):
     """A 4-step fit of the demo recipe from main([...]), then predict writes one mp4 per condition."""
     monkeypatch.chdir(tmp_path)  # the recipe's runs/ and outputs/ folders land here
     overrides = [
-        "--data.train", str(talkingshapes), "--data.val_fraction", "0.25",
+        "--data.train", str(talkingshapes), "--data.val", str(talkingshapes),
         "--trainer.max_steps", "4", "--trainer.val_check_interval", "4", "--trainer.log_every_n_steps", "1",
         "--model.sampling.num_steps", "2",
     ]

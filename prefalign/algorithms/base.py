@@ -40,11 +40,21 @@ class Algorithm:
     def setup(self, module: AlignmentModule) -> None:
         """Called once the module is on its device, before training (create buffers, snapshots)."""
 
+    def on_step_end(self, module: AlignmentModule) -> None:
+        """Called after every optimizer step (refresh a reference, a cache of negatives...)."""
+
     def loss(self, module: AlignmentModule, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The scalar training loss for ``batch`` and the metrics to log (names without a prefix)."""
         raise NotImplementedError
 
 
-def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error per sample over all non-batch elements, in float32: ``[B, ...] -> [B]``."""
-    return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+def per_sample_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared error per sample over all non-batch elements, in float32: ``[B, ...] -> [B]``.
+
+    With ``weights`` (broadcastable to ``pred``) it is the weighted mean ``Σ w·err² / Σ w`` per sample.
+    """
+    error = (pred.float() - target.float()).pow(2)
+    if weights is None:
+        return error.flatten(1).mean(dim=1)
+    weights = weights.float().expand_as(error)
+    return (weights * error).flatten(1).sum(dim=1) / weights.flatten(1).sum(dim=1)

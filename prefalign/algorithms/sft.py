@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from prefalign import metrics
 from prefalign.algorithms.base import Algorithm, per_sample_mse
 
 
@@ -16,12 +17,30 @@ class SFT(Algorithm):
     Args:
         cond_dropout (float): probability of training a sample without its audio, so that sampling can use
             classifier-free guidance on speech (0 disables it).
+        mouth_weight (float): extra loss weight on the latents around the mouth (a lip mask, as the Hallo line of
+            work weighs its loss), located from the ``pose`` keypoints; a pixel in the box
+            mouth ± (0.6·d, 0.8·d) weighs ``1 + mouth_weight``. 0 disables it; > 0 needs pose in the data.
     """
 
-    def __init__(self, cond_dropout: float = 0.0):
+    def __init__(self, cond_dropout: float = 0.0, mouth_weight: float = 0.0):
         if not 0.0 <= cond_dropout < 1.0:
             raise ValueError(f"SFT: cond_dropout must be in [0, 1), got {cond_dropout}")
+        if mouth_weight < 0:
+            raise ValueError(f"SFT: mouth_weight must be >= 0, got {mouth_weight}")
         self.cond_dropout = cond_dropout
+        self.mouth_weight = mouth_weight
+
+    @property
+    def required_fields(self) -> tuple[str, ...]:
+        return ("video", "audio", "reference") + (("pose",) if self.mouth_weight else ())
+
+    def loss_weights(self, module, batch: dict) -> torch.Tensor | None:
+        """Per-latent loss weights ``[B, 1, F, h, w]`` from the mouth box, or None."""
+        if not self.mouth_weight:
+            return None
+        video = batch["video"]
+        box = metrics.mouth_box(batch["pose"], video.shape[-2], video.shape[-1], half_width=0.6, half_height=0.8)
+        return 1 + self.mouth_weight * module.denoiser.codec.pool_mask(box)
 
     def loss(self, module, batch):
         denoiser, process = module.denoiser, module.process
@@ -33,5 +52,6 @@ class SFT(Algorithm):
         eps = torch.randn_like(x0)
         t = process.sample_t(x0.shape[0], device=x0.device)
         pred = denoiser(process.noise(x0, eps, t), process.model_time(t), cond)
-        loss = per_sample_mse(pred, process.target(x0, eps, t)).mean()
+        weights = self.loss_weights(module, batch)
+        loss = per_sample_mse(pred, process.target(x0, eps, t), weights).mean()
         return loss, {"loss": loss.detach()}

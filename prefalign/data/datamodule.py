@@ -128,7 +128,24 @@ class ClipDataset(Dataset):
             if pose.shape[0] != total:
                 raise DataError(f"pose has {pose.shape[0]} frames, the video {total}", path=pose_path, field="pose")
             clip["pose"] = pose
+        if row.get("rejected"):
+            clip["rejected"] = self._rejected(self.manifest.resolve(row["rejected"]), frames.shape)
+        if "labels" in row:
+            clip["labels"] = row["labels"]
         return clip
+
+    def _rejected(self, path: str, shape: tuple) -> np.ndarray:
+        """The rejected clip of a preference pair: same length, size and rate as the chosen one."""
+        frames, fps = media.read_video(path, field="rejected")
+        if abs(fps - self.fps) > 0.01:
+            raise DataError(f"video is {fps:g} fps, the data module expects {self.fps:g}", path=path, field="rejected")
+        if frames.shape != shape:
+            raise DataError(
+                f"rejected clip is {list(frames.shape[:3])} (frames, height, width), the chosen one {list(shape[:3])}",
+                path=path,
+                field="rejected",
+            )
+        return frames
 
     def crop(self, clip: dict) -> dict:
         """``num_frames`` consecutive frames (random start when training) and the audio and pose that go with them."""
@@ -145,6 +162,10 @@ class ClipDataset(Dataset):
         }
         if "pose" in clip:
             item["pose"] = torch.from_numpy(clip["pose"][start : start + length].copy())
+        if "rejected" in clip:
+            item["rejected"] = torch.from_numpy(clip["rejected"][start : start + length]).permute(0, 3, 1, 2).float() / 255
+        if "labels" in clip:
+            item["labels"] = clip["labels"]
         return item
 
     def _load_conditions(self, row: dict, item: dict, samples_per_frame: float) -> dict:

@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -409,6 +410,24 @@ def make_clip(seed: int, cfg: TalkingShapesConfig | None = None) -> Clip:
     )
 
 
+#: Ways to spoil a clip's lip sync for a rejected sample of a preference pair.
+MOUTH_PERTURBATIONS = ("shift", "jitter", "freeze")
+
+
+def perturb_mouth(mouth: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """A mouth track that no longer follows the speech: ``shift`` delays or advances it by 3-6 frames,
+    ``jitter`` replaces it with a random opening every frame, ``freeze`` holds one opening throughout."""
+    if kind == "shift":
+        offset = int(rng.integers(3, 7)) * (1 if rng.random() < 0.5 else -1)
+        index = np.clip(np.arange(len(mouth)) - offset, 0, len(mouth) - 1)
+        return mouth[index]
+    if kind == "jitter":
+        return rng.uniform(0.0, 1.0, len(mouth))
+    if kind == "freeze":
+        return np.full_like(mouth, mouth.mean())
+    raise ValueError(f"unknown mouth perturbation {kind!r}: use one of {MOUTH_PERTURBATIONS}")
+
+
 def clip_seed(seed: int, index: int) -> int:
     """The seed of clip ``index`` of a dataset drawn with ``seed``; independent of how many clips there are."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
@@ -424,11 +443,14 @@ def write_dataset(
     num_clips: int,
     seed: int,
     cfg: TalkingShapesConfig | None = None,
+    rejected: Sequence[str] = (),
 ) -> Path:
     """Write clips and a ``manifest.jsonl`` whose paths are relative to the manifest's folder.
 
     Per clip: ``clips/{id}.mp4`` (video with an AAC track), ``clips/{id}.wav`` (the exact audio, so nothing
     depends on AAC padding), ``clips/{id}_ref.png`` and ``clips/{id}_pose.npy`` (float32 ``[T, 8, 2]``).
+    With ``rejected`` (kinds of :func:`perturb_mouth`, used in turn), each row is a preference pair: the ground
+    truth is chosen and ``clips/{id}_rejected.mp4`` — the same clip with its mouth track spoiled — is rejected.
 
     Returns:
         Path: the manifest.
@@ -447,16 +469,21 @@ def write_dataset(
         media.write_wav(clips_dir / f"{clip_id}.wav", clip.audio, cfg.sample_rate)
         media.write_image(clips_dir / f"{clip_id}_ref.png", to_uint8(clip.reference))
         np.save(clips_dir / f"{clip_id}_pose.npy", clip.pose)
-        rows.append(
-            {
-                "id": clip_id,
-                "video": f"clips/{clip_id}.mp4",
-                "audio": f"clips/{clip_id}.wav",
-                "reference": f"clips/{clip_id}_ref.png",
-                "pose": f"clips/{clip_id}_pose.npy",
-                "text": "a cartoon face talking in front of a plain background",
-            }
-        )
+        row = {
+            "id": clip_id,
+            "video": f"clips/{clip_id}.mp4",
+            "audio": f"clips/{clip_id}.wav",
+            "reference": f"clips/{clip_id}_ref.png",
+            "pose": f"clips/{clip_id}_pose.npy",
+            "text": "a cartoon face talking in front of a plain background",
+        }
+        if rejected:
+            kind = rejected[index % len(rejected)]
+            mouth = perturb_mouth(clip.mouth, kind, np.random.default_rng(clip_seed(seed, index) + 1))
+            spoiled = render(clip.identity, clip.pose, mouth, cfg)
+            media.write_video(clips_dir / f"{clip_id}_rejected.mp4", to_uint8(spoiled), cfg.fps, clip.audio, cfg.sample_rate)
+            row.update(rejected=f"clips/{clip_id}_rejected.mp4", rejected_kind=kind)
+        rows.append(row)
     manifest = out / "manifest.jsonl"
     tmp = manifest.with_name(f".{manifest.name}.tmp")
     tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -471,6 +498,7 @@ def synth(
     frames: int = 17,
     size: int = 32,
     fps: int = 25,
+    rejected: Optional[list[str]] = None,
 ) -> None:
     """Write a TalkingShapes dataset (mp4 + wav + reference png + pose npy per clip, and a manifest.jsonl).
 
@@ -481,7 +509,12 @@ def synth(
         frames: frames per clip; 4n+1 (e.g. 17) suits video codecs with 4x temporal compression.
         size: frame height and width in pixels (even).
         fps: frames per second; audio is 16 kHz mono.
+        rejected: write preference pairs: per clip a rejected video whose mouth track is spoiled, by these kinds
+            in turn (any of shift, jitter, freeze), e.g. ``--rejected [shift,jitter,freeze]``.
     """
+    for kind in rejected or ():
+        if kind not in MOUTH_PERTURBATIONS:
+            raise ValueError(f"unknown --rejected kind {kind!r}: use any of {list(MOUTH_PERTURBATIONS)}")
     cfg = TalkingShapesConfig(fps=fps, num_frames=frames, size=size)
-    manifest = write_dataset(out, num_clips=num_clips, seed=seed, cfg=cfg)
+    manifest = write_dataset(out, num_clips=num_clips, seed=seed, cfg=cfg, rejected=tuple(rejected or ()))
     print(manifest)

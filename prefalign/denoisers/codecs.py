@@ -41,6 +41,15 @@ class Codec(nn.Module):
             raise DataError(f"frame size {height}x{width} is not divisible by the codec's {s}", field="video")
         return height // s, width // s
 
+    def pool_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A pixel mask ``[B, T, H, W]`` → ``[B, 1, F, h, w]``: a latent pixel is in if any pixel it encodes is."""
+        b, t, h, w = mask.shape
+        r, s = self.temporal_ratio, self.spatial_ratio
+        f = self.num_latent_frames(t)
+        hh, ww = self.latent_size(h, w)
+        m = torch.cat([mask[:, :1].expand(b, r - 1, h, w), mask], dim=1).float()
+        return m.reshape(b, f, r, hh, s, ww, s).amax(dim=(2, 4, 6)).unsqueeze(1)
+
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -1,0 +1,114 @@
+"""Diffusion-DPO / Flow-DPO: the loss against the formula, shared noise, the start at log 2, LoRA reference memory."""
+
+import math
+
+import pytest
+import torch
+
+from prefalign.algorithms.dpo import DiffusionDPO, dpo_loss
+from prefalign.module import AlignmentModule, LoraSettings
+from prefalign.processes import Diffusion, FlowMatching
+
+from conftest import tiny_wan
+
+
+def reference_formula(e_w, e_l, r_w, r_l, beta, loss_type):
+    """Written out independently from DESIGN.md: -log σ(-β/2 · [(e_w - e_w^ref) - (e_l - e_l^ref)])."""
+    inside = -beta / 2 * ((e_w - r_w) - (e_l - r_l))
+    if loss_type == "sigmoid":
+        return torch.log1p(torch.exp(-inside))
+    if loss_type == "hinge":
+        return torch.clamp(1 - inside, min=0)
+    log_ratio = inside / beta  # IPO regresses the log-ratio surrogate h onto 1/(2β)
+    return (log_ratio - 1 / (2 * beta)) ** 2
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
+def test_loss_matches_the_formula(loss_type):
+    g = torch.Generator().manual_seed(0)
+    e_w, e_l, r_w, r_l = (torch.rand(64, generator=g, dtype=torch.float64) * 0.01 for _ in range(4))
+    for beta in (500.0, 5000.0):
+        loss, margin = dpo_loss(e_w, e_l, r_w, r_l, beta, loss_type)
+        torch.testing.assert_close(loss, reference_formula(e_w, e_l, r_w, r_l, beta, loss_type))
+        torch.testing.assert_close(margin, -beta / 2 * ((e_w - r_w) - (e_l - r_l)))
+
+
+def test_beta_conventions_are_the_same_loss():
+    """Salesforce's β = 5000 with the 1/2 equals the diffusers example's β = 2500 without it."""
+    e_w, e_l, r_w, r_l = torch.rand(4, 16, dtype=torch.float64) * 0.01
+    ours, _ = dpo_loss(e_w, e_l, r_w, r_l, 5000.0)
+    without_half = -torch.nn.functional.logsigmoid(-2500.0 * ((e_w - r_w) - (e_l - r_l)))
+    torch.testing.assert_close(ours, without_half)
+
+
+def test_beta_to_zero_gives_no_preference_gradient():
+    e_w = torch.rand(8, requires_grad=True)
+    e_l = torch.rand(8, requires_grad=True)
+    loss, _ = dpo_loss(e_w, e_l, torch.rand(8), torch.rand(8), beta=1e-9)
+    loss.sum().backward()
+    assert e_w.grad.abs().max() < 1e-8 and e_l.grad.abs().max() < 1e-8
+
+
+def pair_batch(clip_batch):
+    batch = dict(clip_batch)
+    batch["rejected"] = batch["video"].flip(1)  # the same clip played backwards
+    return batch
+
+
+@pytest.mark.parametrize("process", [FlowMatching(), Diffusion(prediction="eps")], ids=["flow", "diffusion"])
+def test_at_initialisation_loss_is_log2_and_margin_zero(clip_batch, process):
+    module = AlignmentModule(tiny_wan(), process, algorithm=DiffusionDPO(), lora=LoraSettings(rank=4))
+    loss, logged = module.algorithm.loss(module, pair_batch(clip_batch))
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert logged["reward_margin"].item() == 0.0
+
+
+def test_pair_shares_noise_and_timestep(clip_batch, monkeypatch):
+    module = AlignmentModule(tiny_wan(), FlowMatching(), algorithm=DiffusionDPO(), lora=LoraSettings(rank=4))
+    seen = {}
+    forward = module.denoiser.forward
+
+    def spy(x_t, t, cond):
+        seen.setdefault("calls", []).append((x_t.clone(), t.clone()))
+        return forward(x_t, t, cond)
+
+    monkeypatch.setattr(module.denoiser, "forward", spy)
+    batch = pair_batch(clip_batch)
+    module.algorithm.loss(module, batch)
+    (x_t, t), (x_ref, t_ref) = seen["calls"]  # one policy forward on 2B, one reference forward on 2B
+    assert x_t.shape[0] == 8 and torch.equal(x_t, x_ref) and torch.equal(t, t_ref)
+    torch.testing.assert_close(t[:4], t[4:], rtol=0, atol=0)
+    # x_t = (1-σ)x0 + σ·eps with the same eps: removing each clip's own part leaves the same noise.
+    chosen = module.denoiser.encode_video(batch["video"])
+    rejected = module.denoiser.encode_video(batch["rejected"])
+    sigma = (t[:4] / 1000).view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close((x_t[:4] - (1 - sigma) * chosen) / sigma, (x_t[4:] - (1 - sigma) * rejected) / sigma)
+
+
+def test_lora_reference_forward_adds_no_parameter_memory(clip_batch):
+    module = AlignmentModule(tiny_wan(), FlowMatching(), algorithm=DiffusionDPO(), lora=LoraSettings(rank=4))
+    before = {id(p) for p in module.parameters()} | {id(b) for b in module.buffers()}
+    module.algorithm.loss(module, pair_batch(clip_batch))
+    after = {id(p) for p in module.parameters()} | {id(b) for b in module.buffers()}
+    assert before == after and module._reference is None
+
+
+def test_dpo_prefers_the_winner_after_training(clip_batch):
+    torch.manual_seed(0)
+    module = AlignmentModule(tiny_wan(), FlowMatching(), algorithm=DiffusionDPO(beta=2000.0), lora=LoraSettings(rank=8))
+    optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=3e-3)
+    batch = pair_batch(clip_batch)
+    accuracies = []
+    for _ in range(25):
+        loss, logged = module.algorithm.loss(module, batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        accuracies.append(logged["implicit_accuracy"].item())
+    assert sum(accuracies[-5:]) / 5 > 0.7
+
+
+def test_aspect_labels_weigh_and_orient_pairs():
+    algo = DiffusionDPO(aspect_weights={"lip_sync": 1.0, "motion": 0.5})
+    batch = {"labels": [{"lip_sync": 1, "motion": 1}, {"lip_sync": -1, "motion": 0}, None]}
+    torch.testing.assert_close(algo.pair_weights(batch, 3, torch.device("cpu")), torch.tensor([1.5, -1.0, 1.0]))
