@@ -47,7 +47,7 @@ test-all: $(STAMP)
 # Regenerates the shipped base checkpoint that the alignment demos start from.
 base: demo
 	$(BIN)/prefalign export --ckpt_path $(RUN)/csv/version_1/checkpoints/last.ckpt \
-		--out data/base/talkingshapes_base.safetensors
+		--out data/base/talkingshapes_base.safetensors --dtype float16
 
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/run.py

@@ -40,20 +40,21 @@ PROBE_TAG = "MEMORY-PROBE "  # marks the result line a memory-probe subprocess p
 # The demo model and data, as in recipes/demo/sft.yaml (`recipe_drift` reports where the recipe has moved on).
 DEMO_WAN = dict(
     patch_size=[1, 1, 1],
-    num_attention_heads=4,
-    attention_head_dim=32,
+    num_attention_heads=6,
+    attention_head_dim=64,
     text_dim=32,
     freq_dim=64,
-    ffn_dim=256,
-    num_layers=4,
+    ffn_dim=768,
+    num_layers=2,
     rope_max_seq_len=64,
 )
 DEMO_CODEC = dict(temporal_ratio=4, spatial_ratio=4)
 DEMO_MEL = dict(sample_rate=16000, n_mels=40, hops_per_frame=4)
 DEMO_AUDIO = dict(audio_window=5, audio_heads=4)
-DEMO_PROCESS = dict(timestep_sampling="logit_normal")
+DEMO_PROCESS = dict(timestep_sampling="uniform")
 DEMO_ADAMW = dict(lr=0.001, weight_decay=0.0)
-DEMO_DATA = dict(batch_size=8, num_frames=17)
+DEMO_DATA = dict(batch_size=4, num_frames=17)
+DEMO_SFT = dict(mouth_weight=10.0)
 DEMO_RECIPE = ROOT / "recipes" / "demo" / "sft.yaml"
 
 
@@ -354,7 +355,7 @@ def prefalign_sft_step(bench: Bench, batch: dict, audio: bool = True) -> Step:
     module = AlignmentModule(
         prefalign_denoiser(audio),
         FlowMatching(**DEMO_PROCESS),
-        SFT(),
+        SFT(**DEMO_SFT),
         optimizer=functools.partial(torch.optim.AdamW, **DEMO_ADAMW),
     )
     module.to(bench.device).train()

@@ -15,14 +15,15 @@ from prefalign.module import AlignmentModule, export_denoiser_weights
 from prefalign.pairs import import_labels, sample_pairs
 
 
-def export(ckpt_path: str, out: str) -> None:
+def export(ckpt_path: str, out: str, dtype: str = "float32") -> None:
     """Write a checkpoint's denoiser weights as one safetensors file (what ``model.init_weights`` loads).
 
     Args:
         ckpt_path: a Lightning checkpoint of a full-weights run.
         out: the safetensors file to write.
+        dtype: dtype of the floating-point tensors written (``float32``, ``float16``, ``bfloat16``).
     """
-    export_denoiser_weights(ckpt_path, out)
+    export_denoiser_weights(ckpt_path, out, dtype)
     print(f"wrote {out}")
 
 

@@ -300,13 +300,14 @@ def load_denoiser_weights(denoiser: PortraitDenoiser, path: str) -> None:
         )
 
 
-def export_denoiser_weights(checkpoint: str, out: str) -> None:
-    """Write the denoiser weights of a Lightning checkpoint as one safetensors file (what ``init_weights`` reads)."""
+def export_denoiser_weights(checkpoint: str, out: str, dtype: str = "float32") -> None:
+    """Write the denoiser weights of a Lightning checkpoint as one safetensors file (what ``init_weights`` reads),
+    floating-point tensors cast to ``dtype`` (``float16`` halves the file; loading casts back to the model's)."""
     from safetensors.torch import save_file
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     weights = {
-        key.removeprefix("denoiser."): value.contiguous()
+        key.removeprefix("denoiser."): (value.to(getattr(torch, dtype)) if value.is_floating_point() else value).contiguous()
         for key, value in state.items()
         if key.startswith("denoiser.") and not key.startswith("denoiser.codec.")
     }
