@@ -122,3 +122,27 @@ def test_from_pretrained_round_trip(tmp_path, clip_batch):
     cond = built.condition(clip_batch)
     x_t, t = torch.randn_like(x0), torch.full((4,), 700.0)
     torch.testing.assert_close(loaded(x_t, t, cond), built(x_t, t, cond))
+
+
+def test_wan_vae_codec_from_pretrained_has_the_codec_interface(tmp_path):
+    """The real diffusers VAE behind the same interface: a tiny AutoencoderKLWan saved and loaded back."""
+    from diffusers import AutoencoderKLWan
+
+    from prefalign.denoisers import WanVAECodec
+
+    config = dict(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+                  latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    torch.manual_seed(0)
+    AutoencoderKLWan(**config).save_pretrained(tmp_path / "vae")
+    codec = WanVAECodec(pretrained=str(tmp_path), subfolder="vae")
+    assert (codec.temporal_ratio, codec.spatial_ratio, codec.latent_channels) == (4, 8, 4)
+    assert not any(p.requires_grad for p in codec.parameters())
+    video = torch.rand(1, 9, 3, 16, 16)
+    latents = codec.encode(video)
+    assert latents.shape == (1, 4, 3, 2, 2)
+    decoded = codec.decode(latents)
+    assert decoded.shape == video.shape and 0 <= decoded.min() and decoded.max() <= 1
+    denoiser = tiny_wan(codec=codec)
+    pred = denoiser(torch.randn_like(latents), torch.full((1,), 500.0),
+                    denoiser.condition({"video": video, "audio": torch.randn(1, 9 * 640), "reference": video[:, 0]}))
+    assert pred.shape == latents.shape
