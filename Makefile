@@ -12,7 +12,7 @@ DEMO_DATA := data/talkingshapes/manifest.jsonl
 HELDOUT := data/talkingshapes-heldout/manifest.jsonl
 RUN := runs/demo-sft
 
-.PHONY: setup demo test test-all base benchmark clean
+.PHONY: setup demo demo-dpo test test-all base benchmark clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,18 @@ demo: $(DEMO_DATA) $(HELDOUT)
 	$(BIN)/prefalign predict --config recipes/demo/sft.yaml --ckpt_path $(RUN)/csv/version_1/checkpoints/last.ckpt \
 		--data.predict $(HELDOUT) --trainer.limit_predict_batches 1
 	$(BIN)/python benchmarks/plot_run.py $(RUN)
+
+PAIRS := data/talkingshapes-pairs/manifest.jsonl
+
+$(PAIRS): $(STAMP)
+	$(BIN)/prefalign synth --out data/talkingshapes-pairs --num_clips 64 --seed 2 --rejected "[shift,jitter,freeze]"
+
+# Flow-DPO from the shipped base checkpoint on TalkingShapes pairs: scores the base model, then aligns it.
+demo-dpo: $(PAIRS) $(HELDOUT)
+	rm -rf runs/demo-dpo
+	$(BIN)/prefalign validate --config recipes/demo/dpo.yaml
+	$(BIN)/prefalign fit --config recipes/demo/dpo.yaml
+	$(BIN)/python benchmarks/plot_run.py runs/demo-dpo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
