@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Callable, Optional
 
@@ -51,7 +50,6 @@ def main(args: Optional[list[str]] = None) -> None:
         print(USAGE)
         if not argv:
             raise SystemExit(2)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     LightningCLI(
         AlignmentModule,
         PortraitDataModule,

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import copy
-import logging
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import lightning as L
@@ -20,8 +19,6 @@ from prefalign.algorithms.sft import SFT
 from prefalign.data.errors import DataError
 from prefalign.denoisers.base import PortraitDenoiser
 from prefalign.processes.base import Process
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

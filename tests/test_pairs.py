@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from prefalign import metrics
 from prefalign.cli import main

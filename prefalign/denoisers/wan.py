@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import nn
 
 from prefalign.denoisers.audio import AudioEncoder
 from prefalign.denoisers.base import CheckpointWithConditions, PortraitDenoiser
