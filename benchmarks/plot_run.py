@@ -15,7 +15,6 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Optional
 
 # (panel title, y label, [(column, label, style)]); the style "truth" draws a dashed reference line.
 PANELS = [
@@ -125,7 +124,7 @@ def summary(rows: list[dict[str, float]]) -> list[str]:
     return lines + [f"last validation (step {last['step']:.0f}): {values}"]
 
 
-def main(argv: Optional[list[str]] = None) -> Path:
+def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="a run directory, e.g. runs/demo-sft (searched recursively)")
     parser.add_argument("--out", type=Path, help="the figure (default RUN_DIR/curves.png)")

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import functools
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -23,9 +25,9 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,28 +36,42 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as a script from a checkout without installing prefalign
 
+# Below the path setting; the naive DPO baseline subclasses Algorithm (other prefalign imports are deferred).
+from prefalign.algorithms import Algorithm  # noqa: E402
+from prefalign.algorithms.base import per_sample_mse  # noqa: E402
+from prefalign.algorithms.dpo import dpo_loss  # noqa: E402
+
 MIB = 2**20
 PROBE_TAG = "MEMORY-PROBE "  # marks the result line a memory-probe subprocess prints
 
-# The demo model and data, as in recipes/demo/sft.yaml (`recipe_drift` reports where the recipe has moved on).
-DEMO_WAN = dict(
-    patch_size=[1, 1, 1],
-    num_attention_heads=6,
-    attention_head_dim=64,
-    text_dim=32,
-    freq_dim=64,
-    ffn_dim=768,
-    num_layers=2,
-    rope_max_seq_len=64,
-)
-DEMO_CODEC = dict(temporal_ratio=4, spatial_ratio=4)
-DEMO_MEL = dict(sample_rate=16000, n_mels=40, hops_per_frame=4)
-DEMO_AUDIO = dict(audio_window=5, audio_heads=4)
-DEMO_PROCESS = dict(timestep_sampling="uniform")
-DEMO_ADAMW = dict(lr=0.001, weight_decay=0.0)
-DEMO_DATA = dict(batch_size=4, num_frames=17)
-DEMO_SFT = dict(mouth_weight=10.0)
+# The demo model and data, as in recipes/demo/sft.yaml and dpo.yaml (`recipe_drift` reports where a recipe has
+# moved on).
+DEMO_WAN = {
+    "patch_size": [1, 1, 1],
+    "num_attention_heads": 6,
+    "attention_head_dim": 64,
+    "text_dim": 32,
+    "freq_dim": 64,
+    "ffn_dim": 768,
+    "num_layers": 2,
+    "rope_max_seq_len": 64,
+}
+DEMO_CODEC = {"temporal_ratio": 4, "spatial_ratio": 4}
+DEMO_MEL = {"sample_rate": 16000, "n_mels": 40, "hops_per_frame": 4}
+DEMO_AUDIO = {"audio_window": 5, "audio_heads": 4}
+DEMO_PROCESS = {"timestep_sampling": "uniform"}
+DEMO_ADAMW = {"lr": 0.001, "weight_decay": 0.0}
+DEMO_DATA = {"batch_size": 4, "num_frames": 17}
+DEMO_SFT = {"mouth_weight": 10.0}
 DEMO_RECIPE = ROOT / "recipes" / "demo" / "sft.yaml"
+# What recipes/demo/dpo.yaml sets besides the model and data above.
+DEMO_DPO = {"beta": 2000.0, "loss_type": "sigmoid", "sft_weight": 0.0}
+DEMO_LORA = {"rank": 16, "train_new_modules": True}
+DEMO_DPO_ADAMW = {"lr": 0.0002, "weight_decay": 0.0}
+DEMO_DPO_RECIPE = ROOT / "recipes" / "demo" / "dpo.yaml"
+# The backbone_step figure builds its modules from these recipes as they stand (the DiT and the UNet family).
+DEMO_SVD_RECIPE = ROOT / "recipes" / "demo" / "sft_svd.yaml"
+BACKBONE_LORA = {"rank": 16}
 
 
 # --- the harness ------------------------------------------------------------------------------------------------------
@@ -66,11 +82,18 @@ class Step:
     run: Callable[[], torch.Tensor]
     optimizer: torch.optim.Optimizer
     parameters: list[torch.nn.Parameter]
+    reference: list[torch.Tensor] = field(default_factory=list)
+    """Tensors kept only for a reference policy (a second copy of the weights), reported apart from ``parameters``."""
 
 
 @dataclass
 class Figure:
-    """One table of the results: a row per variant, ratios taken against ``baseline``."""
+    """One table of the results: a row per variant, ratios taken against ``baseline``.
+
+    ``ideal`` gives, per variant, the ratio to the baseline that counting the work alone predicts (the note that
+    says why goes in ``notes``); ``compare_also`` names further (variant, against) pairs whose step time ratio,
+    paired by round like the baseline's, and peak memory growth ratio go to ``ratios``.
+    """
 
     name: str
     title: str
@@ -78,6 +101,9 @@ class Figure:
     baseline: str
     rows: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    ideal: dict[str, float] = field(default_factory=dict)
+    compare_also: list[tuple[str, str]] = field(default_factory=list)
+    ratios: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -98,7 +124,7 @@ class Bench:
     warmup: int = 3
     repeats: int = 20
     memory_steps: int = 3
-    probe: Optional[tuple[str, str]] = None
+    probe: tuple[str, str] | None = None
 
     @property
     def probing(self) -> bool:
@@ -132,17 +158,16 @@ class Bench:
 
         In a memory-probe subprocess, measure only the probed variant (if it belongs to this figure) instead.
         """
-        if figure.baseline not in builders:
-            raise ValueError(f"figure {figure.name}: baseline {figure.baseline!r} is not one of {list(builders)}")
+        for name in (figure.baseline, *figure.ideal, *(name for pair in figure.compare_also for name in pair)):
+            if name not in builders:
+                raise ValueError(f"figure {figure.name}: {name!r} is not one of its variants {list(builders)}")
         if self.probing:
             if self.probe[0] == figure.name:
                 print(PROBE_TAG + json.dumps(self._measure_memory(builders[self.probe[1]])), flush=True)
             return figure
         times = self._time_interleaved({name: build() for name, build in builders.items()})
         gc.collect()
-        base = times[figure.baseline]
         for name in builders:
-            ratios = [a / b for a, b in zip(times[name], base, strict=True)]
             memory = self._memory_in_subprocess(figure.name, name)
             figure.rows.append(
                 {
@@ -150,11 +175,19 @@ class Bench:
                     "median_ms": 1e3 * statistics.median(times[name]),
                     "q1_ms": 1e3 * quantile(times[name], 0.25),
                     "q3_ms": 1e3 * quantile(times[name], 0.75),
-                    "ratio": statistics.median(ratios),
-                    "ratio_q1": quantile(ratios, 0.25),
-                    "ratio_q3": quantile(ratios, 0.75),
+                    **paired_ratio(times[name], times[figure.baseline]),
                     **memory,
                     "times_ms": [round(1e3 * t, 3) for t in times[name]],
+                }
+            )
+        growth = {row["variant"]: row["peak_growth_mib"] for row in figure.rows}
+        for name, against in figure.compare_also:
+            figure.ratios.append(
+                {
+                    "variant": name,
+                    "against": against,
+                    **paired_ratio(times[name], times[against]),
+                    "memory_ratio": growth[name] / growth[against] if growth[against] > 0 else math.nan,
                 }
             )
         return figure
@@ -179,7 +212,7 @@ class Bench:
     def _memory_in_subprocess(self, figure: str, variant: str) -> dict:
         command = [sys.executable, str(Path(__file__).resolve()), "--device", str(self.device)]
         command += ["--threads", str(torch.get_num_threads())]
-        command += ["--probe", figure, variant, "--memory-steps", str(self.memory_steps)]
+        command += ["--only", figure, "--probe", figure, variant, "--memory-steps", str(self.memory_steps)]
         command += ["--bf16"] if self.bf16 else []
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
         lines = [line for line in done.stdout.splitlines() if line.startswith(PROBE_TAG)]
@@ -213,6 +246,7 @@ class Bench:
             "peak_growth_mib": (peak - before) / MIB,
             "weights_mib": sum(p.numel() * p.element_size() for p in step.parameters) / MIB,
             "optimizer_state_mib": state / MIB,
+            "reference_mib": sum(t.numel() * t.element_size() for t in step.reference) / MIB,
             "parameters": sum(p.numel() for p in step.parameters),
             "trainable": sum(p.numel() for p in step.parameters if p.requires_grad),
         }
@@ -220,6 +254,12 @@ class Bench:
             # Without a resettable peak, the process's lifetime peak (building included) stands in: an upper bound.
             result["peak_is_upper_bound"] = True
         return result
+
+
+def paired_ratio(times: list[float], against: list[float]) -> dict:
+    """Median and quartiles over rounds of one variant's step time over another's in the same round."""
+    ratios = [a / b for a, b in zip(times, against, strict=True)]
+    return {"ratio": statistics.median(ratios), "ratio_q1": quantile(ratios, 0.25), "ratio_q3": quantile(ratios, 0.75)}
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -262,10 +302,24 @@ def peak_rss() -> int:
 
 
 # --- figure 1: the SFT training step -------------------------------------------------------------------------------
-def demo_batch(device: torch.device) -> dict:
-    """A demo-sized batch of TalkingShapes clips made in memory, decoded and collated as the data module does."""
+def demo_batch(device: torch.device, pairs: bool = False) -> dict:
+    """A demo-sized batch of TalkingShapes clips made in memory, decoded and collated as the data module does.
+
+    With ``pairs``, each clip also has its ``rejected`` video, made as ``prefalign synth --rejected
+    [shift,jitter,freeze]`` makes it: the same clip with its mouth track spoiled, the kinds in turn.
+    """
+    import numpy as np
+
     from prefalign.data.datamodule import collate_clips
-    from prefalign.data.synthetic import TalkingShapesConfig, clip_seed, make_clip, to_uint8
+    from prefalign.data.synthetic import (
+        MOUTH_PERTURBATIONS,
+        TalkingShapesConfig,
+        clip_seed,
+        make_clip,
+        perturb_mouth,
+        render,
+        to_uint8,
+    )
 
     def pixels(array) -> torch.Tensor:  # what decoding the written mp4 / png gives: 8-bit frames scaled to [0, 1]
         return torch.from_numpy(to_uint8(array)).float() / 255
@@ -283,6 +337,10 @@ def demo_batch(device: torch.device) -> dict:
                 "pose": torch.from_numpy(clip.pose),
             }
         )
+        if pairs:
+            kind = MOUTH_PERTURBATIONS[index % len(MOUTH_PERTURBATIONS)]
+            mouth = perturb_mouth(clip.mouth, kind, np.random.default_rng(clip_seed(0, index) + 1))
+            items[-1]["rejected"] = pixels(render(clip.identity, clip.pose, mouth, cfg)).permute(0, 3, 1, 2)
     batch = collate_clips(items)
     return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
@@ -345,19 +403,9 @@ def bare_diffusers_step(bench: Bench, batch: dict) -> Step:
     return Step(run, optimizer, list(model.parameters()))
 
 
-def prefalign_sft_step(bench: Bench, batch: dict, audio: bool = True) -> Step:
-    """Our step: ``AlignmentModule.training_step`` (SFT on flow matching: encode, condition, noise, predict, loss),
-    backward, and the optimizer ``configure_optimizers`` builds; what Lightning's automatic optimisation runs."""
-    from prefalign.algorithms import SFT
-    from prefalign.module import AlignmentModule
-    from prefalign.processes import FlowMatching
-
-    module = AlignmentModule(
-        prefalign_denoiser(audio),
-        FlowMatching(**DEMO_PROCESS),
-        SFT(**DEMO_SFT),
-        optimizer=functools.partial(torch.optim.AdamW, **DEMO_ADAMW),
-    )
+def module_step(bench: Bench, module, batch: dict) -> Step:
+    """Our step: ``AlignmentModule.training_step`` (the algorithm's loss), backward, and the optimizer
+    ``configure_optimizers`` builds; what Lightning's automatic optimisation runs."""
     module.to(bench.device).train()
     optimizer = module.configure_optimizers()
 
@@ -370,6 +418,21 @@ def prefalign_sft_step(bench: Bench, batch: dict, audio: bool = True) -> Step:
         return loss
 
     return Step(run, optimizer, list(module.parameters()))
+
+
+def prefalign_sft_step(bench: Bench, batch: dict, audio: bool = True) -> Step:
+    """Our SFT step on flow matching: encode, condition, noise, predict, loss; backward; AdamW."""
+    from prefalign.algorithms import SFT
+    from prefalign.module import AlignmentModule
+    from prefalign.processes import FlowMatching
+
+    module = AlignmentModule(
+        prefalign_denoiser(audio),
+        FlowMatching(**DEMO_PROCESS),
+        SFT(**DEMO_SFT),
+        optimizer=functools.partial(torch.optim.AdamW, **DEMO_ADAMW),
+    )
+    return module_step(bench, module, batch)
 
 
 def same_backbone_check(bench: Bench, batch: dict) -> float:
@@ -413,7 +476,18 @@ def sft_step(bench: Bench) -> Figure:
         figure.notes.append(
             f"Same network: before training both predict the same output (max difference {difference:.1e})."
         )
-        figure.notes += recipe_drift()
+        figure.notes += recipe_drift(
+            DEMO_RECIPE,
+            {
+                "Wan config": DEMO_WAN,
+                "codec": DEMO_CODEC,
+                "audio encoder": DEMO_MEL,
+                "audio attention": DEMO_AUDIO,
+                "process": DEMO_PROCESS,
+                "AdamW": DEMO_ADAMW,
+                "data": DEMO_DATA,
+            },
+        )
     with warnings.catch_warnings():
         # training_step logs through self.log, which only warns without a Trainer: logging is not what is timed.
         warnings.filterwarnings("ignore", message=".*self.log.*")
@@ -427,42 +501,360 @@ def sft_step(bench: Bench) -> Figure:
         )
 
 
-def recipe_drift() -> list[str]:
-    """Notes naming where recipes/demo/sft.yaml no longer matches the sizes copied above."""
+def recipe_drift(recipe: Path, copied: dict[str, dict]) -> list[str]:
+    """Notes naming where a demo recipe no longer matches the parts of it copied above (part name -> values)."""
     try:
         import yaml
 
-        recipe = yaml.safe_load(DEMO_RECIPE.read_text())
-        denoiser = recipe["model"]["denoiser"]["init_args"]
-        found = {
-            "Wan config": denoiser["config"],
-            "codec": denoiser["codec"]["init_args"],
-            "audio encoder": denoiser["audio_encoder"]["init_args"],
-            "audio attention": {key: denoiser[key] for key in DEMO_AUDIO},
-            "process": recipe["model"]["process"]["init_args"],
-            "AdamW": recipe["model"]["optimizer"]["init_args"],
-            "data": {key: recipe["data"][key] for key in DEMO_DATA},
+        config = yaml.safe_load(recipe.read_text())
+        model = config["model"]
+        denoiser = model["denoiser"]["init_args"]
+        parts = {
+            "Wan config": lambda: denoiser["config"],
+            "codec": lambda: denoiser["codec"]["init_args"],
+            "audio encoder": lambda: denoiser["audio_encoder"]["init_args"],
+            "audio attention": lambda: {key: denoiser[key] for key in DEMO_AUDIO},
+            "process": lambda: model["process"]["init_args"],
+            "algorithm": lambda: model["algorithm"]["init_args"],
+            "LoRA": lambda: model["lora"],
+            "AdamW": lambda: model["optimizer"]["init_args"],
+            "data": lambda: {key: config["data"][key] for key in DEMO_DATA},
         }
+        found = {part: parts[part]() for part in copied}
     except (OSError, KeyError, TypeError) as error:
-        return [f"Could not compare with {DEMO_RECIPE.relative_to(ROOT)} ({error!r})."]
-    copied = {
-        "Wan config": DEMO_WAN,
-        "codec": DEMO_CODEC,
-        "audio encoder": DEMO_MEL,
-        "audio attention": DEMO_AUDIO,
-        "process": DEMO_PROCESS,
-        "AdamW": DEMO_ADAMW,
-        "data": DEMO_DATA,
-    }
+        return [f"Could not compare with {recipe.relative_to(ROOT)} ({error!r})."]
     return [
-        f"**{DEMO_RECIPE.relative_to(ROOT)} has moved on**: its {part} is {found[part]}, "
-        f"this benchmark used {copied[part]}."
+        f"**{recipe.relative_to(ROOT)} has moved on**: its {part} is {found[part]}, this benchmark used {copied[part]}."
         for part in copied
         if found[part] != copied[part]
     ]
 
 
-FIGURES: list[Callable[[Bench], Figure]] = [sft_step]
+# --- figure 2: the DPO training step ---------------------------------------------------------------------------------
+class NaiveDPO(Algorithm):
+    """The naive baseline of the ``dpo_step`` figure, written here and used nowhere else: Diffusion-DPO as a
+    first implementation writes it. Not prefalign's :class:`~prefalign.algorithms.DiffusionDPO`.
+
+    Winner and loser go through the policy in two forwards, and the reference is a frozen ``copy.deepcopy`` of
+    the whole denoiser made before the adapters were added (a second copy of every weight), run in two more
+    no-grad forwards. The noise, the timesteps and the loss (``dpo_loss``) are drawn and computed exactly as
+    ``DiffusionDPO`` does for pairs without labels, so that both do the same work and give the same loss.
+
+    Args:
+        reference (PortraitDenoiser): the copy to run as the reference (frozen here).
+        beta, loss_type, sft_weight: as ``DiffusionDPO``.
+    """
+
+    required_fields = ("video", "rejected", "audio", "reference")
+
+    def __init__(self, reference, beta: float, loss_type: str = "sigmoid", sft_weight: float = 0.0):
+        self.reference = reference.requires_grad_(False).eval()
+        self.beta = beta
+        self.loss_type = loss_type
+        self.sft_weight = sft_weight
+
+    def loss(self, module, batch):
+        denoiser, process = module.denoiser, module.process
+        win = denoiser.encode_video(batch["video"])
+        lose = denoiser.encode_video(batch["rejected"])
+        cond = denoiser.condition(batch)
+        eps = torch.randn_like(win)  # the same draws, in the same order, as DiffusionDPO's
+        t = process.sample_t(win.shape[0], device=win.device)
+        model_t = process.model_time(t)
+        x_win, x_lose = process.noise(win, eps, t), process.noise(lose, eps, t)
+        target_win, target_lose = process.target(win, eps, t), process.target(lose, eps, t)
+
+        e_w = per_sample_mse(denoiser(x_win, model_t, cond), target_win)
+        e_l = per_sample_mse(denoiser(x_lose, model_t, cond), target_lose)
+        with torch.no_grad():
+            r_w = per_sample_mse(self.reference(x_win, model_t, cond), target_win)
+            r_l = per_sample_mse(self.reference(x_lose, model_t, cond), target_lose)
+        per_pair, _ = dpo_loss(e_w, e_l, r_w, r_l, self.beta, self.loss_type)
+        loss = per_pair.mean()
+        if self.sft_weight:
+            loss = loss + self.sft_weight * e_w.mean()
+        logged = {
+            "loss": loss.detach(),
+            "error_win": e_w.detach().mean(),
+            "error_lose": e_l.detach().mean(),
+            "reference_error_win": r_w.mean(),
+            "reference_error_lose": r_l.mean(),
+        }
+        return loss, logged
+
+
+def lora_module(algorithm: Algorithm, denoiser=None):
+    """The DPO demo's module (recipes/demo/dpo.yaml: LoRA on the backbone, the audio attention trained in full)
+    running ``algorithm``. Seeded, so every variant starts from the same weights and adapters."""
+    from prefalign.module import AlignmentModule, LoraSettings
+    from prefalign.processes import FlowMatching
+
+    return AlignmentModule(
+        denoiser if denoiser is not None else prefalign_denoiser(audio=True),
+        FlowMatching(**DEMO_PROCESS),
+        algorithm,
+        lora=LoraSettings(**DEMO_LORA),
+        optimizer=functools.partial(torch.optim.AdamW, **DEMO_DPO_ADAMW),
+    )
+
+
+def dpo_module():
+    from prefalign.algorithms import DiffusionDPO
+
+    return lora_module(DiffusionDPO(**DEMO_DPO))
+
+
+def naive_dpo_module(device: torch.device):
+    denoiser = prefalign_denoiser(audio=True)
+    reference = copy.deepcopy(denoiser).to(device)  # before the adapters go in: the starting model, in full
+    return lora_module(NaiveDPO(reference, **DEMO_DPO), denoiser)
+
+
+def naive_dpo_step(bench: Bench, batch: dict) -> Step:
+    module = naive_dpo_module(bench.device)
+    step = module_step(bench, module, batch)
+    step.reference = [*module.algorithm.reference.parameters(), *module.algorithm.reference.buffers()]
+    return step
+
+
+def dpo_step_ours(bench: Bench, batch: dict) -> Step:
+    module = dpo_module()
+    step = module_step(bench, module, batch)
+    # Under LoRA the reference is the adapter-disabled backbone; only the audio attention's start is kept apart.
+    step.reference = list(module.reference_snapshot.buffers())
+    return step
+
+
+def sft_pairs_batch(batch: dict) -> dict:
+    """The pairs as 2B plain clips for SFT: the chosen videos, then the rejected ones, each with its conditions."""
+    clips = {key: torch.cat([value, value]) if torch.is_tensor(value) else value for key, value in batch.items()}
+    del clips["rejected"]
+    clips["video"] = torch.cat([batch["video"], batch["rejected"]])
+    clips["id"] = batch["id"] + [f"{clip}_rejected" for clip in batch["id"]]
+    clips["size"] = 2 * batch["size"]
+    return clips
+
+
+def lora_sft_step(bench: Bench, batch: dict) -> Step:
+    from prefalign.algorithms import SFT
+
+    return module_step(bench, lora_module(SFT()), sft_pairs_batch(batch))
+
+
+DPO_CHECKED = ("loss", "error_win", "error_lose", "reference_error_win", "reference_error_lose")
+
+
+def same_dpo_loss_check(bench: Bench, batch: dict) -> dict[str, tuple[float, float]]:
+    """prefalign's DPO and the naive one on the same weights, noise and timesteps: (ours, naive) per value.
+
+    Every trainable tensor (adapters, audio attention) is first moved off its start by the same random step in
+    both, so that policy and reference differ and the reference's construction is put to the test. In float64:
+    β multiplies differences of errors, and would make float32 rounding (which differs between one batched
+    forward and two halves on some devices) look like a different loss.
+    """
+    ours = dpo_module().to(bench.device, torch.float64)
+    naive = naive_dpo_module(bench.device).to(bench.device, torch.float64)
+    naive.algorithm.reference.to(torch.float64)
+    batch = {key: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for key, v in batch.items()}
+    names = [[name for name, p in module.named_parameters() if p.requires_grad] for module in (ours, naive)]
+    if names[0] != names[1]:
+        raise RuntimeError("dpo_step: prefalign's DPO and the naive one do not train the same parameters")
+    values = []
+    for module in (ours, naive):
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for param in module.trainable_parameters():
+                param.add_(1e-2 * torch.randn(param.shape, generator=generator).to(param.device))
+        torch.manual_seed(2)
+        with torch.no_grad():
+            _, logged = module.algorithm.loss(module, batch)
+        values.append(logged)
+    return {name: (values[0][name].item(), values[1][name].item()) for name in DPO_CHECKED}
+
+
+def dpo_step(bench: Bench) -> Figure:
+    """Figure 2: one DPO step of ours next to an SFT step on the same clips and next to a naive DPO."""
+    pairs = DEMO_DATA["batch_size"]
+    figure = Figure(
+        name="dpo_step",
+        title="DPO training step: prefalign vs. an SFT step on the same pairs and a naive DPO",
+        description=(
+            f"One training step of the DPO demo (recipes/demo/dpo.yaml: the Wan DiT of the SFT figure with "
+            f"MelAudioEncoder and audio attention, LoRA rank {DEMO_LORA['rank']} on the backbone with the audio "
+            f"attention trained in full, Flow-DPO with β = {DEMO_DPO['beta']:g}, AdamW) on a batch of B = {pairs} "
+            f"TalkingShapes pairs (2B = {2 * pairs} clips of {DEMO_DATA['num_frames']} frames at 32×32; the "
+            "rejected clip is the chosen one with its mouth track shifted, jittered or frozen, as `prefalign synth "
+            "--rejected` makes it). **prefalign DPO**: `AlignmentModule.training_step` with `DiffusionDPO`: winner "
+            "and loser in one policy forward on 2B, the reference (`module.reference()`: the adapters switched "
+            "off, no second copy of the weights) in one no-grad forward on 2B; backward; AdamW step. **SFT on the "
+            "pairs** (baseline): the same module with `SFT` (no mouth weighting) on the 2B clips, chosen and "
+            "rejected concatenated: the policy's forward and backward on 2B without the reference. **naive DPO**: "
+            "`NaiveDPO`, written in benchmarks/run.py as the baseline a first implementation would be: winner and "
+            "loser in two policy forwards of B, the reference a `copy.deepcopy` of the whole denoiser (a second "
+            "copy of every weight) in two no-grad forwards of B; the same noise, timesteps and `dpo_loss`. All "
+            "three start from the same weights and adapters."
+        ),
+        baseline="SFT on the pairs",
+        ideal={"SFT on the pairs": 1.0, "prefalign DPO": 4 / 3, "naive DPO": 4 / 3},
+        compare_also=[("naive DPO", "prefalign DPO")],
+    )
+    batch = demo_batch(bench.device, pairs=True)
+    if not bench.probing:
+        checked = same_dpo_loss_check(bench, batch)
+        differing = {name: pair for name, pair in checked.items() if not math.isclose(*pair, rel_tol=1e-4)}
+        if differing:
+            raise RuntimeError(f"dpo_step: the naive DPO does not compute what DiffusionDPO does: {differing}")
+        loss, naive = checked["loss"]
+        figure.notes.append(
+            "Ideal ≈ 1.33 relative to an SFT step on the same pairs (2B): policy forward + backward on 2B plus a "
+            "reference forward on 2B, counting a backward as two forwards (8 units against 6). Under LoRA the "
+            "backward computes no gradients for the frozen base weights, so it costs less than two forwards and "
+            "the ideal moves towards 1.5 (backward = forward)."
+        )
+        figure.notes.append(
+            f"Same loss: before timing, in float64, with every trainable tensor moved off its start so that policy "
+            f"and reference differ, on the same noise and timesteps, prefalign DPO gives {loss:.6g} and the naive DPO "
+            f"{naive:.6g} (relative difference {abs(loss - naive) / abs(loss):.1e}); the policy's and the "
+            f"reference's errors on winner and loser agree to {max_relative_difference(checked):.1e}."
+        )
+        figure.notes += recipe_drift(
+            DEMO_DPO_RECIPE,
+            {
+                "Wan config": DEMO_WAN,
+                "codec": DEMO_CODEC,
+                "audio encoder": DEMO_MEL,
+                "audio attention": DEMO_AUDIO,
+                "process": DEMO_PROCESS,
+                "algorithm": DEMO_DPO,
+                "LoRA": DEMO_LORA,
+                "AdamW": DEMO_DPO_ADAMW,
+                "data": DEMO_DATA,
+            },
+        )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer: logging is not what is timed
+        return bench.compare(
+            figure,
+            {
+                "SFT on the pairs": lambda: lora_sft_step(bench, batch),
+                "prefalign DPO": lambda: dpo_step_ours(bench, batch),
+                "naive DPO": lambda: naive_dpo_step(bench, batch),
+            },
+        )
+
+
+def max_relative_difference(checked: dict[str, tuple[float, float]]) -> float:
+    return max(abs(a - b) / max(abs(a), abs(b), 1e-12) for a, b in checked.values())
+
+
+# --- figure 3: both backbone families, LoRA vs. full fine-tuning -----------------------------------------------
+def recipe_model(recipe: Path) -> dict:
+    """The ``model`` section of a recipe, less what a training step does not run: the LR scheduler (stepped by
+    Lightning, outside the step), ``init_weights`` (seeded random weights time the same) and ``lora`` (set per
+    variant)."""
+    import yaml
+
+    model = yaml.safe_load(recipe.read_text())["model"]
+    return {key: value for key, value in model.items() if key not in ("lr_scheduler", "init_weights", "lora")}
+
+
+def recipe_module(model: dict, lora: dict | None):
+    """The ``AlignmentModule`` a recipe's ``model`` section builds, as ``prefalign fit`` builds it (jsonargparse),
+    with ``lora`` as its LoRA settings. Seeded, so that a family's variants start from the same weights."""
+    from jsonargparse import ArgumentParser
+
+    from prefalign.module import AlignmentModule
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(AlignmentModule, "model")
+    config = parser.parse_object({"model": {**model, "lora": lora}})
+    torch.manual_seed(0)
+    return parser.instantiate(config).model
+
+
+def parameter_split(module) -> dict[str, int]:
+    """Parameter counts of a module: the backbone's own weights, LoRA adapters, and everything else (the
+    conditioning modules the denoiser adds), each with how many of them train."""
+    split = {f"{part}{kind}": 0 for part in ("backbone", "adapters", "added") for kind in ("", "_trainable")}
+    for name, param in module.named_parameters():
+        part = "adapters" if "lora_" in name else "backbone" if name.startswith("denoiser.backbone.") else "added"
+        split[part] += param.numel()
+        split[f"{part}_trainable"] += param.numel() if param.requires_grad else 0
+    return split
+
+
+def backbone_step(bench: Bench) -> Figure:
+    """Figure 3: an SFT step of the DiT and the UNet family at their demo sizes, LoRA against full fine-tuning."""
+    families = {
+        "Wan DiT": (DEMO_RECIPE, recipe_model(DEMO_RECIPE)),
+        "SVD UNet": (DEMO_SVD_RECIPE, recipe_model(DEMO_SVD_RECIPE)),
+    }
+    wan = families["Wan DiT"][1]["denoiser"]["init_args"]["config"]
+    unet = families["SVD UNet"][1]["denoiser"]["init_args"]["config"]
+    rank = BACKBONE_LORA["rank"]
+
+    def skeleton(family: str) -> str:
+        keypoints = families[family][1]["denoiser"]["init_args"].get("pose_keypoints")
+        return f", a {keypoints}-keypoint skeleton" if keypoints else ""
+
+    figure = Figure(
+        name="backbone_step",
+        title="Backbone families: LoRA vs. full fine-tuning, Wan DiT and SVD UNet",
+        description=(
+            "One SFT training step of each backbone family at its demo size, with the model section of its recipe "
+            f"as `prefalign fit` builds it: {DEMO_RECIPE.relative_to(ROOT)} (`WanDenoiser`, a "
+            f"`WanTransformer3DModel` of {wan['num_layers']} blocks × "
+            f"{wan['num_attention_heads'] * wan['attention_head_dim']} wide{skeleton('Wan DiT')}, `FlowMatching`) and "
+            f"{DEMO_SVD_RECIPE.relative_to(ROOT)} (`SVDDenoiser`, a `UNetSpatioTemporalConditionModel` with block "
+            f"widths {unet['block_out_channels']} and {unet['layers_per_block']} layer per block, `Diffusion` with "
+            f"v-prediction{skeleton('SVD UNet')}); each with its codec, `MelAudioEncoder` and audio attention, "
+            f"`SFT` and AdamW, on a batch of {DEMO_DATA['batch_size']} TalkingShapes clips of "
+            f"{DEMO_DATA['num_frames']} frames at 32×32 with audio and pose (the batch of `sft_step`). A step: "
+            "`AlignmentModule.training_step`, backward, AdamW step. **full FT**: every weight trains. **LoRA**: "
+            f"`LoraSettings(rank={rank})`, the family's default targets (self-attention and feed-forwards), base "
+            "weights frozen; the conditioning modules the denoiser adds (audio attention, skeleton) train in full, "
+            "as `train_new_modules` does by default. A family's two variants start from the same weights."
+        ),
+        baseline="Wan DiT full FT",
+        compare_also=[(f"{family} LoRA", f"{family} full FT") for family in families],
+    )
+    batch = demo_batch(bench.device)
+    split: dict[str, dict[str, int]] = {}
+
+    def build(variant: str, model: dict, lora: dict | None) -> Step:
+        module = recipe_module(model, lora)
+        split[variant] = parameter_split(module)
+        return module_step(bench, module, batch)
+
+    builders = {}
+    for family, (recipe, model) in families.items():
+        builders[f"{family} full FT"] = functools.partial(build, f"{family} full FT", model, None)
+        builders[f"{family} LoRA"] = functools.partial(build, f"{family} LoRA", model, BACKBONE_LORA)
+        if not bench.probing:
+            figure.notes += recipe_drift(recipe, {"data": DEMO_DATA})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer: logging is not what is timed
+        bench.compare(figure, builders)
+    if bench.probing:
+        return figure
+    for family in families:
+        full, lora = split[f"{family} full FT"], split[f"{family} LoRA"]
+        total = lora["backbone"] + lora["adapters"] + lora["added"]
+        figure.notes.append(
+            f"{family} LoRA trains {lora['adapters']:,} adapter parameters "
+            f"({100 * lora['adapters'] / full['backbone']:.1f}% of the backbone's {full['backbone']:,}) and the "
+            f"{lora['added_trainable']:,} of the added conditioning "
+            f"modules: {100 * (lora['adapters'] + lora['added_trainable']) / total:.1f}% of its {total:,} "
+            f"parameters, against {full['backbone'] + full['added']:,} (100%) under full fine-tuning."
+        )
+    figure.notes.append(
+        "The ratio column compares every variant with the Wan DiT's full fine-tuning, across families too; LoRA "
+        "against full fine-tuning within a family is the pair of ratios under the table."
+    )
+    return figure
+
+
+FIGURES: list[Callable[[Bench], Figure]] = [sft_step, dpo_step, backbone_step]
 
 
 # --- reporting ---------------------------------------------------------------------------------------------------
@@ -512,40 +904,106 @@ def to_markdown(report: dict) -> str:
         "",
         f"`{s['command']}` — {report['date']}, revision {m['revision']}.",
         "",
-        f"- Machine: {m['cpu']}; {m['cpus_usable']} of {m['cpu_count']} CPUs usable, "
-        f"torch threads: {m['torch_threads']}; {m['platform']}.",
+        (
+            f"- Machine: {m['cpu']}; {m['cpus_usable']} of {m['cpu_count']} CPUs usable, "
+            f"torch threads: {m['torch_threads']}; {m['platform']}."
+        ),
         f"- Software: Python {m['python']}, torch {m['torch']}, diffusers {m['diffusers']}.",
         f"- Device: {m['device']}"
         + (f" ({m['gpu']}, CUDA {m['cuda']})" if "gpu" in m else "")
         + f", {m['precision']}.",
-        f"- Load average (1 min) at start {s['load_start']:.2f}, at end {s['load_end']:.2f}; "
-        f"{s['warmup']} warm-up and {s['repeats']} timed steps per variant, interleaved.",
+        (
+            f"- Load average (1 min) at start {s['load_start']:.2f}, at end {s['load_end']:.2f}; "
+            f"{s['warmup']} warm-up and {s['repeats']} timed steps per variant, interleaved."
+        ),
     ]
+    if s["quick"]:
+        lines.append("- **A `--quick` run**: too few steps to be a figure; it checks that the harness runs.")
     for fig in report["figures"]:
-        lines += ["", f"## {fig['title']}", "", fig["description"], ""]
-        lines += [
-            f"| variant | median step (ms) | IQR (ms) | ratio to {fig['baseline']} (IQR) "
-            "| peak memory growth (MiB) | weights + AdamW state (MiB) | parameters (trainable) |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-        ]
+        lines += ["", f"## {fig['title']}", ""]
+        if "run" in fig:
+            lines += [earlier_run(fig["run"]), ""]
+        lines += [fig["description"], ""]
+        ideal = fig.get("ideal") or {}
+        reference = any(row.get("reference_mib") for row in fig["rows"])
+        header = ["variant", "median step (ms)", "IQR (ms)", f"ratio to {fig['baseline']} (IQR)"]
+        header += ["ideal ratio"] if ideal else []
+        header += ["peak memory growth (MiB)", "weights + AdamW state (MiB)"]
+        header += ["reference copy (MiB)"] if reference else []
+        header += ["parameters (trainable, share)"]
+        lines += ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
         for row in fig["rows"]:
             bound = " (upper bound)" if row.get("peak_is_upper_bound") else ""
-            lines.append(
-                f"| {row['variant']} | {row['median_ms']:.1f} | {row['q1_ms']:.1f}–{row['q3_ms']:.1f} "
-                f"| {row['ratio']:.2f} ({row['ratio_q1']:.2f}–{row['ratio_q3']:.2f}) "
-                f"| {row['peak_growth_mib']:.1f}{bound} | {row['weights_mib'] + row['optimizer_state_mib']:.1f} "
-                f"| {row['parameters']:,} ({row['trainable']:,}) |"
-            )
+            cells = [
+                row["variant"],
+                f"{row['median_ms']:.1f}",
+                f"{row['q1_ms']:.1f}–{row['q3_ms']:.1f}",
+                f"{row['ratio']:.2f} ({row['ratio_q1']:.2f}–{row['ratio_q3']:.2f})",
+            ]
+            cells += [f"{ideal[row['variant']]:.2f}" if row["variant"] in ideal else ""] if ideal else []
+            cells += [
+                f"{row['peak_growth_mib']:.1f}{bound}",
+                f"{row['weights_mib'] + row['optimizer_state_mib']:.1f}",
+            ]
+            cells += [f"{row.get('reference_mib', 0.0):.1f}"] if reference else []
+            cells += [
+                f"{row['parameters']:,} ({row['trainable']:,}, {100 * row['trainable'] / row['parameters']:.1f}%)"
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
         lines += [
-            "",
+            f"- **{r['variant']} / {r['against']}**: step time {r['ratio']:.2f} ({r['ratio_q1']:.2f}–"
+            f"{r['ratio_q3']:.2f}), the median over rounds of the one's step time over the other's in the same round "
+            "(and its IQR)" + (f"; peak memory growth {r['memory_ratio']:.2f}." if "memory_ratio" in r else ".")
+            for r in fig.get("ratios", [])
+        ]
+        lines += [
             "- Ratio: the median over rounds of the variant's step time over the baseline's in the same round.",
             f"- Peak memory growth: {fig['memory_method']}.",
         ]
+        if reference:
+            lines.append(
+                "- Reference copy: the bytes of the tensors kept only for the reference policy, on top of the "
+                "weights (not part of the growth, since they exist before the first step)."
+            )
         lines += [f"- {note}" for note in fig["notes"]]
     return "\n".join(lines) + "\n"
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+def earlier_run(run: dict) -> str:
+    """One line naming the earlier run a figure was kept from (when ``--only`` redid other figures)."""
+    m, s = run["machine"], run["settings"]
+    return (
+        f"*Kept from an earlier run:* `{s['command']}` — {run['date']}, revision {m['revision']}; {m['cpu']}, "
+        f"torch threads: {m['torch_threads']}; {m['device']}"
+        + (f" ({m['gpu']})" if "gpu" in m else "")
+        + f", {m['precision']}; load average {s['load_start']:.2f} at start, {s['load_end']:.2f} at end; "
+        f"{s['warmup']} warm-up and {s['repeats']} timed steps"
+        + (" (**`--quick`**: not a figure)" if s["quick"] else "")
+        + "."
+    )
+
+
+def keep_earlier_figures(path: Path, fresh: list[dict]) -> list[dict]:
+    """The figures of this run, and those of the earlier report at ``path`` that this run did not redo, each kept
+    with the run (date, machine, settings) that made it; in the order of ``FIGURES``."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return fresh
+    done = {fig["name"] for fig in fresh}
+    kept = [
+        {**fig, "run": fig.get("run") or {key: earlier[key] for key in ("date", "machine", "settings")}}
+        for fig in earlier.get("figures", [])
+        if fig["name"] not in done
+    ]
+    for fig in kept:
+        print(f"kept {fig['name']} from the earlier run in {path}", file=sys.stderr)
+    order = [f.__name__ for f in FIGURES]
+    return sorted(fresh + kept, key=lambda fig: order.index(fig["name"]) if fig["name"] in order else len(order))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
@@ -567,7 +1025,11 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         "machine use the free cores, as busy cores make OpenMP threads wait on each other",
     )
     parser.add_argument(
-        "--only", nargs="+", metavar="FIGURE", help=f"figures to run, of {[f.__name__ for f in FIGURES]}"
+        "--only",
+        nargs="+",
+        metavar="FIGURE",
+        help=f"figures to run, of {[f.__name__ for f in FIGURES]}; the other figures of an earlier report at "
+        "--out are kept, each with the run that made it",
     )
     parser.add_argument("--memory-steps", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--probe", nargs=2, metavar=("FIGURE", "VARIANT"), help=argparse.SUPPRESS)
@@ -582,7 +1044,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -632,6 +1094,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         },
         "figures": [{**asdict(f), "memory_method": bench.memory_method} for f in results],
     }
+    if args.only:
+        report["figures"] = keep_earlier_figures(args.out.with_suffix(".json"), report["figures"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(report)
     args.out.write_text(markdown)

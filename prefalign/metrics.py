@@ -202,3 +202,35 @@ def identity_drift(video: torch.Tensor, reference: torch.Tensor) -> torch.Tensor
     frame_colour = video.mean(dim=(-2, -1))  # [B, T, 3]
     reference_colour = reference.mean(dim=(-2, -1))  # [B, 3]
     return (frame_colour - reference_colour[:, None]).norm(dim=-1).mean(dim=1)
+
+
+def dark_centroid(video: torch.Tensor, threshold: float = DARK_THRESHOLD) -> torch.Tensor:
+    """Centre of the dark pixels (eyes and mouth) per frame, in pixels: where the face is.
+
+    Returns:
+        torch.Tensor: ``[B, T, 2]`` as (x, y); the frame centre for a frame without dark pixels.
+    """
+    dark = (luminance(video) < threshold).to(_float_at_least_32(video.dtype))  # [B, T, H, W]
+    height, width = dark.shape[-2:]
+    xs = torch.arange(width, dtype=dark.dtype, device=dark.device) + 0.5
+    ys = torch.arange(height, dtype=dark.dtype, device=dark.device) + 0.5
+    count = dark.sum(dim=(-2, -1))
+    x = (dark.sum(dim=-2) * xs).sum(dim=-1) / count.clamp(min=1)
+    y = (dark.sum(dim=-1) * ys).sum(dim=-1) / count.clamp(min=1)
+    centre = torch.stack([x, y], dim=-1)
+    empty = (count == 0)[..., None]
+    return torch.where(empty, torch.tensor([width / 2, height / 2], dtype=dark.dtype, device=dark.device), centre)
+
+
+def head_offset(video: torch.Tensor, ground_truth: torch.Tensor) -> torch.Tensor:
+    """How far the generated face is from where the ground truth (and so the skeleton) puts it: the mean over
+    frames of the distance, in pixels, between the dark-pixel centres of the video and of the ground truth.
+
+    A model that follows the pose track keeps it near 0; one that ignores it lets the head drift elsewhere.
+
+    Returns:
+        torch.Tensor: ``[B]`` in pixels.
+    """
+    if ground_truth.shape != video.shape:
+        raise ValueError(f"ground truth {tuple(ground_truth.shape)} differs from video {tuple(video.shape)}")
+    return (dark_centroid(video) - dark_centroid(ground_truth)).norm(dim=-1).mean(dim=1)

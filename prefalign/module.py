@@ -50,6 +50,11 @@ class SamplingSettings:
     """Use the process's stochastic step (SDE / DDIM with eta) instead of the deterministic one."""
     seed: int = 0
     """Seed of the initial noise, so that validation figures are comparable across epochs."""
+    chunk_frames: Optional[int] = None
+    """Generate videos longer than this many frames in chunks (FlowPortrait's autoregressive generation), each
+    starting from the end of the one before; the model's training length is the natural choice. None: one pass."""
+    motion_frames: int = 5
+    """Frames of the previous chunk that start the next one (the codec's r·n+1, e.g. 5 with Wan's VAE)."""
 
 
 class AlignmentModule(L.LightningModule):
@@ -185,7 +190,16 @@ class AlignmentModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if stage == "fit" and datamodule is not None and hasattr(datamodule, "available_fields"):
-            self.algorithm.check_fields(datamodule.available_fields("train"), datamodule.source("train"))
+            available, source = datamodule.available_fields("train"), datamodule.source("train")
+            self.algorithm.check_fields(available, source)
+            for field in self.denoiser.required_fields:
+                if field not in available:
+                    raise DataError(
+                        f"the denoiser is conditioned on '{field}', which this dataset does not provide "
+                        f"(it has: {', '.join(sorted(available))})",
+                        path=source,
+                        field=field,
+                    )
         if stage == "fit" and self.algorithm.needs_reference and self.lora is None and self._reference is None:
             self.refresh_reference()
         if stage == "fit":
@@ -241,24 +255,82 @@ class AlignmentModule(L.LightningModule):
 
     @torch.no_grad()
     def generate(self, batch: dict, num_frames: int, settings: Optional[SamplingSettings] = None) -> torch.Tensor:
-        """Sample videos ``[B, T, 3, H, W]`` in [0, 1] for the batch's conditions (reference image, audio)."""
+        """Sample videos ``[B, T, 3, H, W]`` in [0, 1] for the batch's conditions (reference image, audio, pose).
+
+        With ``settings.chunk_frames`` set and ``num_frames`` longer than it, the video is made chunk by chunk
+        (see :meth:`generate_chunks`)."""
         settings = settings or self.sampling
+        if settings.chunk_frames is None or num_frames <= settings.chunk_frames:
+            generator = torch.Generator(device=self.device).manual_seed(settings.seed)
+            return self._sample(batch, num_frames, settings, generator)
+        chunks = self.generate_chunks(batch, num_frames, settings)
+        overlap = settings.motion_frames
+        video = torch.cat([chunks[0]] + [chunk[:, overlap:] for chunk in chunks[1:]], dim=1)
+        return video[:, :num_frames]
+
+    @torch.no_grad()
+    def generate_chunks(self, batch: dict, num_frames: int, settings: Optional[SamplingSettings] = None) -> list:
+        """Autoregressive long-video generation (FlowPortrait): chunks of ``chunk_frames`` frames, each starting
+        with the last ``motion_frames`` frames of the one before.
+
+        Those frames are given, not generated: at every sampler step the first latent frames of the new chunk are
+        set to the previous chunk's encoded tail, noised to the current noise level (and set exactly at the end),
+        so the rest of the chunk is denoised in their context. Audio and pose are cut to each chunk's frames (the
+        tail of the last chunk is padded and cropped away by :meth:`generate`). Works with every process and
+        backbone, with no training of its own.
+
+        Returns:
+            list[Tensor]: the chunks ``[B, chunk_frames, 3, H, W]``; chunk k+1's first ``motion_frames`` frames are
+            chunk k's last ones.
+        """
+        settings = settings or self.sampling
+        size, overlap = settings.chunk_frames, settings.motion_frames
+        codec = self.denoiser.codec
+        codec.num_latent_frames(size)
+        codec.num_latent_frames(overlap)
+        if not 0 < overlap < size:
+            raise ValueError(f"motion_frames ({overlap}) must be between 0 and chunk_frames ({size})")
+        generator = torch.Generator(device=self.device).manual_seed(settings.seed)
+        spf = self.denoiser.audio_encoder.sample_rate / self.denoiser.fps if self.denoiser.audio_encoder else None
+        chunks, start = [], 0
+        while True:
+            part = {"reference": batch["reference"]}
+            if spf is not None:
+                part["audio"] = batch["audio"][:, round(start * spf) : round((start + size) * spf)]
+            if batch.get("pose") is not None:
+                pose = batch["pose"][:, start : start + size]
+                part["pose"] = torch.cat([pose, pose[:, -1:].expand(-1, size - pose.shape[1], -1, -1)], dim=1)
+            known = codec.encode(chunks[-1][:, -overlap:]) if chunks else None
+            chunks.append(self._sample(part, size, settings, generator, known))
+            if start + size >= num_frames:
+                return chunks
+            start += size - overlap
+
+    def _sample(self, batch: dict, num_frames: int, settings: SamplingSettings, generator: torch.Generator,
+                known: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One sampler run; ``known`` latents, if given, fix the first latent frames (see :meth:`generate_chunks`)."""
         reference = batch["reference"]
         shape = (reference.shape[0], *self.denoiser.latent_shape(num_frames, *reference.shape[-2:]))
         cond = self.denoiser.condition(batch, num_frames=num_frames)
-        generator = torch.Generator(device=self.device).manual_seed(settings.seed)
         x = self.process.prior(shape, device=self.device, generator=generator).to(reference.dtype)
         schedule = self.process.timesteps(settings.num_steps, device=self.device)
         uncond = None
         if settings.guidance_scale != 1.0:
             uncond = self.denoiser.drop_conditions(cond, torch.zeros(shape[0], dtype=torch.bool, device=self.device))
+        if known is not None:
+            m = known.shape[2]
+            known_noise = self.process.prior(known.shape, device=self.device, generator=generator).to(known.dtype)
         for t, t_next in zip(schedule[:-1], schedule[1:]):
+            if known is not None:
+                x = torch.cat([self.process.noise(known, known_noise, t.expand(shape[0])), x[:, :, m:]], dim=2)
             model_t = self.process.model_time(t.expand(shape[0]))
             pred = self.denoiser(x, model_t, cond)
             if uncond is not None:
                 pred_uncond = self.denoiser(x, model_t, uncond)
                 pred = pred_uncond + settings.guidance_scale * (pred - pred_uncond)
             x = self.process.step(pred, x, t, t_next, stochastic=settings.stochastic, generator=generator).sample
+        if known is not None:
+            x = torch.cat([known.to(x.dtype), x[:, :, m:]], dim=2)
         return self.denoiser.decode(x)
 
     def score_videos(self, video: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
@@ -268,8 +340,11 @@ class AlignmentModule(L.LightningModule):
             "sync": metrics.sync_score(video, batch["audio"], sample_rate, self.denoiser.fps),
             "identity": metrics.identity_drift(video, batch["reference"]),
         }
+        if batch.get("pose") is not None:
+            scores["sync_pose_box"] = metrics.sync_score(video, batch["audio"], sample_rate, self.denoiser.fps, batch["pose"])
         if "video" in batch:
             scores["jitter"] = metrics.jitter(video, batch["video"])
+            scores["head_offset"] = metrics.head_offset(video, batch["video"])
             scores["sync_ground_truth"] = metrics.sync_score(batch["video"], batch["audio"], sample_rate, self.denoiser.fps)
         return scores
 

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 import yaml
 
@@ -77,6 +78,18 @@ def test_fit_then_predict_end_to_end(talkingshapes, tmp_path, monkeypatch):
             duration = float(audio.duration * audio.time_base)
         assert abs(duration - 17 / 25) < 0.05  # AAC frames are 1024 samples: within one of them
 
+    # Speech 3× longer than the training window: predict makes it in chunks, one video for the whole audio.
+    from prefalign.data import media
+
+    speech = np.concatenate([media.read_audio(talkingshapes.parent / r["audio"], 16000) for r in rows * 2])[: 51 * 640]
+    media.write_wav(tmp_path / "long.wav", speech, 16000)
+    conditions.write_text(json.dumps({"id": "long", "audio": str(tmp_path / "long.wav"),
+                                      "reference": str(talkingshapes.parent / rows[0]["reference"])}) + "\n")
+    main(["predict", "--config", str(DEMO), "--ckpt_path", str(checkpoint), "--data.predict", str(conditions),
+          "--data.num_frames", "null", "--model.sampling.num_steps", "2", "--model.sampling.chunk_frames", "17"])
+    with av.open(str(tmp_path / "outputs/demo-sft/long.mp4")) as container:
+        assert len(list(container.decode(video=0))) == 51
+
 
 def test_export_writes_init_weights(talkingshapes, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -89,3 +102,18 @@ def test_export_writes_init_weights(talkingshapes, tmp_path, monkeypatch):
     weights = load_file(tmp_path / "w.safetensors")
     assert "backbone.proj_out.weight" in weights and "audio_conditioning.level_logits" in weights
     assert not any(key.startswith("codec.") for key in weights)
+
+
+@pytest.mark.parametrize("recipe", ["dpo_hallo4.yaml", "sft_wan_i2v.yaml"])
+def test_real_scale_strategy_resolves_its_wrap_policy(recipe):
+    """The FSDP strategy of the multi-GPU recipes instantiates, with the Wan block class as its wrap unit."""
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import FSDPStrategy, Strategy
+
+    config = yaml.safe_load((ROOT / "recipes" / recipe).read_text())
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=Strategy)
+    strategy = parser.instantiate(parser.parse_object({"strategy": config["trainer"]["strategy"]})).strategy
+    assert isinstance(strategy, FSDPStrategy)
+    policy = strategy.kwargs["auto_wrap_policy"]
+    assert {cls.__name__ for cls in policy._module_classes} == {"WanTransformerBlock"}

@@ -145,3 +145,18 @@ def test_metrics_are_batched_like_single_clips(clips: list[synthetic.Clip]) -> N
     single = torch.cat([metrics.sync_score(v[None], a[None], CFG.sample_rate, CFG.fps) for v, a in zip(video, audio)])
     torch.testing.assert_close(batched, single)
     assert metrics.jitter(video).shape == (4,)
+
+
+def test_dark_centroid_sits_between_the_eyes_and_the_mouth(clips: list[synthetic.Clip]) -> None:
+    for clip in clips[:5]:
+        centre = metrics.dark_centroid(_video(clip.video))[0]  # [T, 2] pixels
+        keypoints = torch.from_numpy(clip.pose[:, 1:4]).float() * CFG.size  # eyes and mouth, in pixels
+        low, high = keypoints.amin(dim=1), keypoints.amax(dim=1)
+        assert ((centre >= low - 1) & (centre <= high + 1)).all()
+
+
+def test_head_offset_measures_displacement_in_pixels(clips: list[synthetic.Clip]) -> None:
+    truth = _video(clips[0].video)
+    assert metrics.head_offset(truth, truth).item() == 0.0
+    moved = torch.roll(truth, shifts=3, dims=-1)  # the whole picture 3 pixels to the right
+    assert metrics.head_offset(moved, truth).item() == pytest.approx(3.0, abs=0.3)

@@ -1,4 +1,4 @@
-"""Codecs map pixel videos to the latents a backbone denoises and back: a lossless pixel codec and Wan's VAE."""
+"""Codecs map pixel videos to the latents a backbone denoises and back: a lossless pixel codec, Wan's and SVD's VAEs."""
 
 from __future__ import annotations
 
@@ -155,3 +155,65 @@ class WanVAECodec(Codec):
         z = (latents.float() * self.std + self.mean).to(self.vae.dtype)
         x = self.vae.decode(z).sample.float()
         return ((x.permute(0, 2, 1, 3, 4) + 1) / 2).clamp(0, 1)
+
+
+class SVDVAECodec(Codec):
+    """Stable Video Diffusion's VAE (diffusers ``AutoencoderKLTemporalDecoder``), frozen: frames are encoded one by
+    one (temporal ratio 1) and decoded together by its temporal decoder; latents are scaled by ``scaling_factor``.
+
+    Args:
+        pretrained (str | None): Hub id or local folder of a diffusers checkpoint, e.g.
+            ``stabilityai/stable-video-diffusion-img2vid-xt``; loaded with ``from_pretrained``.
+        subfolder (str | None): the VAE's subfolder inside ``pretrained``.
+        config (dict | None): build a (tiny) VAE from these ``AutoencoderKLTemporalDecoder`` arguments instead.
+        torch_dtype (str): weights' dtype, e.g. ``float32`` or ``bfloat16``.
+        sample (bool): encode to a posterior sample instead of its mode.
+    """
+
+    def __init__(
+        self,
+        pretrained: Optional[str] = None,
+        subfolder: Optional[str] = "vae",
+        config: Optional[dict] = None,
+        torch_dtype: str = "float32",
+        sample: bool = False,
+    ):
+        super().__init__()
+        from diffusers import AutoencoderKLTemporalDecoder
+
+        if (pretrained is None) == (config is None):
+            raise ValueError("SVDVAECodec needs exactly one of `pretrained` (a Hub id or folder) or `config`")
+        dtype = getattr(torch, torch_dtype)
+        if pretrained is not None:
+            self.vae = AutoencoderKLTemporalDecoder.from_pretrained(pretrained, subfolder=subfolder, torch_dtype=dtype)
+        else:
+            self.vae = AutoencoderKLTemporalDecoder(**config).to(dtype)
+        self.vae.requires_grad_(False).eval()
+        cfg = self.vae.config
+        self.temporal_ratio = 1
+        self.spatial_ratio = 2 ** (len(cfg.block_out_channels) - 1)
+        self.latent_channels = cfg.latent_channels
+        self.scaling_factor = cfg.scaling_factor
+        self.sample = sample
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vae.eval()  # frozen: never in training mode
+        return self
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        self.num_latent_frames(video.shape[1])
+        self.latent_size(*video.shape[-2:])
+        b, t = video.shape[:2]
+        x = (video * 2 - 1).flatten(0, 1).to(self.vae.dtype)  # the encoder sees single images
+        dist = self.vae.encode(x).latent_dist
+        z = dist.sample() if self.sample else dist.mode()
+        z = z.unflatten(0, (b, t)).transpose(1, 2)  # [B, C, F, h, w]
+        return (z.float() * self.scaling_factor).to(video.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        b, _, f = latents.shape[:3]
+        z = (latents.float() / self.scaling_factor).transpose(1, 2).flatten(0, 1).to(self.vae.dtype)
+        x = self.vae.decode(z, num_frames=f).sample.float()  # its temporal layers mix the f frames of each clip
+        return ((x.unflatten(0, (b, f)) + 1) / 2).clamp(0, 1)
