@@ -4,7 +4,8 @@
 
 reads every ``metrics.csv`` under RUN_DIR (e.g. ``runs/demo-sft/csv/version_0/metrics.csv``) and writes
 ``RUN_DIR/curves.png``: the train and val loss, the val sync score against the ground truth's, and the jitter and
-identity guards. Columns a run did not log are left out.
+identity guards; with DPO also the implicit accuracy and the reward margin, with a skeleton the head offset.
+Columns a run did not log are left out.
 """
 
 from __future__ import annotations
@@ -22,13 +23,23 @@ PANELS = [
     (
         "Lip sync (higher is better)",
         "Pearson r",
-        [("val/sync", "val samples", "points"), ("val/sync_ground_truth", "ground truth", "truth")],
+        [
+            ("val/sync", "val samples", "points"),
+            ("val/sync_pose_box", "val samples, mouth box of the pose", "points"),
+            ("val/sync_ground_truth", "ground truth", "truth"),
+        ],
     ),
     (
         "Guards (lower is better)",
         "score",
         [("val/jitter", "jitter", "points"), ("val/identity", "identity drift", "points")],
     ),
+]
+# Panels drawn only when the run logged one of their columns: DPO's preference statistics, the skeleton's effect.
+OPTIONAL_PANELS = [
+    ("DPO implicit accuracy", "fraction of pairs", [("train/implicit_accuracy", "train", "line")]),
+    ("DPO reward margin", "β·h", [("train/reward_margin", "train", "line")]),
+    ("Face position vs. ground truth (lower is better)", "pixels", [("val/head_offset", "head offset", "points")]),
 ]
 SUMMARY = ["val/loss", "val/sync", "val/sync_ground_truth", "val/jitter", "val/identity"]
 
@@ -80,8 +91,15 @@ def plot(rows: list[dict[str, float]], out: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.8), constrained_layout=True)
-    for ax, (panel, ylabel, columns) in zip(axes, PANELS, strict=True):
+    logged = {column for row in rows for column in row}
+    panels = PANELS + [p for p in OPTIONAL_PANELS if any(column in logged for column, _, _ in p[2])]
+    cols = min(3, len(panels))
+    grid_rows = math.ceil(len(panels) / cols)
+    fig, grid = plt.subplots(grid_rows, cols, figsize=(5 * cols, 3.8 * grid_rows), constrained_layout=True, squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[len(panels):]:
+        ax.axis("off")
+    for ax, (panel, ylabel, columns) in zip(axes, panels):
         drawn = False
         for column, label, style in columns:
             steps, values = series(rows, column)

@@ -100,6 +100,7 @@ class AlignmentModule(L.LightningModule):
         if lora is not None:
             self._add_lora(lora)
         self._reference: Optional[PortraitDenoiser] = None
+        self.automatic_optimization = not self.algorithm.manual_optimization
 
     # --- parameters -------------------------------------------------------------------------------------------------
     def _add_lora(self, settings: LoraSettings) -> None:
@@ -158,24 +159,39 @@ class AlignmentModule(L.LightningModule):
                 return
             from peft.tuners.tuners_utils import BaseTunerLayer
 
-            layers = [m for m in self.denoiser.modules() if isinstance(m, BaseTunerLayer)]
+            snapshot = getattr(self, "reference_snapshot", None)
+            values = {} if snapshot is None else {n.replace("__", "."): v for n, v in snapshot.named_buffers()}
+            lagged = any("lora_" in name for name in values)  # refresh_reference() snapshotted the adapters
+            layers = [] if lagged else [m for m in self.denoiser.modules() if isinstance(m, BaseTunerLayer)]
             for layer in layers:
                 layer.enable_adapters(False)
             try:
-                snapshot = getattr(self, "reference_snapshot", None)
-                if snapshot is None:
+                if not values:
                     yield self.denoiser
                 else:
-                    start = {name.replace("__", "."): value for name, value in snapshot.named_buffers()}
-                    yield lambda *args, **kwargs: torch.func.functional_call(self.denoiser, start, args, kwargs)
+                    yield lambda *args, **kwargs: torch.func.functional_call(self.denoiser, values, args, kwargs)
             finally:
                 for layer in layers:
                     layer.enable_adapters(True)
 
     def refresh_reference(self) -> None:
-        """Make the reference equal to the current policy (online DPO, self-play). Full fine-tuning only."""
+        """Make the reference equal to the current policy (online DPO, ReFree's lagged reference, self-play).
+
+        Under LoRA the trained tensors (adapters and new modules) are copied into ``reference_snapshot`` and the
+        reference runs the adapted model with those values: a lagged copy of what is trained, never of the base.
+        Under full fine-tuning the frozen copy takes the current weights.
+        """
         if self.lora is not None:
-            raise NotImplementedError("refreshing the reference under LoRA needs a second adapter; use full weights")
+            if not hasattr(self, "reference_snapshot"):
+                self.reference_snapshot = nn.Module()
+            for name, param in self.denoiser.named_parameters():
+                if param.requires_grad:
+                    key = name.replace(".", "__")
+                    if key in self.reference_snapshot._buffers:
+                        self.reference_snapshot._buffers[key].copy_(param.detach())
+                    else:
+                        self.reference_snapshot.register_buffer(key, param.detach().clone())
+            return
         if self._reference is None:
             # Share the frozen codec (and a frozen audio encoder) instead of copying their weights.
             memo = {id(self.denoiser.codec): self.denoiser.codec}
@@ -209,10 +225,14 @@ class AlignmentModule(L.LightningModule):
         self._log_skips(batch, "train")
         if batch.get("size", 1) == 0:
             return None  # every sample of this batch was skipped (and counted)
+        batch_size = len(batch["id"])
+        if self.algorithm.manual_optimization:
+            for name, value in self.algorithm.training_step(self, batch).items():
+                self.log(f"train/{name}", value, prog_bar=name in ("loss", "reward"), batch_size=batch_size)
+            return None
         loss, logged = self.algorithm.loss(self, batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{self.algorithm.name}: non-finite loss {loss.item()} at step {self.global_step}")
-        batch_size = len(batch["id"])
         for name, value in logged.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
         return loss

@@ -21,6 +21,9 @@ class Algorithm:
 
     required_fields: tuple[str, ...] = ("video", "audio", "reference")
     needs_reference: bool = False
+    #: An algorithm that takes several optimizer steps per batch (GRPO's inner epochs over its rollouts) sets this
+    #: and implements :meth:`training_step`; the module then hands it the optimizer (Lightning's manual optimization).
+    manual_optimization: bool = False
 
     @property
     def name(self) -> str:
@@ -45,6 +48,11 @@ class Algorithm:
 
     def loss(self, module: AlignmentModule, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The scalar training loss for ``batch`` and the metrics to log (names without a prefix)."""
+        raise NotImplementedError
+
+    def training_step(self, module: AlignmentModule, batch: dict) -> dict[str, torch.Tensor]:
+        """With ``manual_optimization``: do the batch's optimizer steps (``module.optimizers()``,
+        ``module.manual_backward``) and return the metrics to log."""
         raise NotImplementedError
 
 

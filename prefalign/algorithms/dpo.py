@@ -73,7 +73,7 @@ class DiffusionDPO(Algorithm):
         aspect_weights (dict[str, float] | None): per-aspect weights for pairs with ``labels`` (e.g.
             ``{lip_sync: 1.0, expression: 0.5, motion: 0.5}``); pairs without labels weigh 1.
         reference_refresh_every (int | None): online DPO: make the reference the current policy every k steps
-            (full fine-tuning only).
+            (under LoRA a snapshot of the adapters, under full fine-tuning the frozen copy).
     """
 
     required_fields = ("video", "rejected", "audio", "reference")
@@ -96,10 +96,6 @@ class DiffusionDPO(Algorithm):
         self.sft_weight = sft_weight
         self.aspect_weights = aspect_weights
         self.reference_refresh_every = reference_refresh_every
-
-    def setup(self, module) -> None:
-        if self.reference_refresh_every is not None and module.lora is not None:
-            raise ValueError("DiffusionDPO: reference_refresh_every (online DPO) needs full fine-tuning, not LoRA")
 
     def on_step_end(self, module) -> None:
         if self.reference_refresh_every and module.global_step % self.reference_refresh_every == 0:

@@ -36,11 +36,7 @@ class SFT(Algorithm):
 
     def loss_weights(self, module, batch: dict) -> torch.Tensor | None:
         """Per-latent loss weights ``[B, 1, F, h, w]`` from the mouth box, or None."""
-        if not self.mouth_weight:
-            return None
-        video = batch["video"]
-        box = metrics.mouth_box(batch["pose"], video.shape[-2], video.shape[-1], half_width=0.6, half_height=0.8)
-        return 1 + self.mouth_weight * module.denoiser.codec.pool_mask(box)
+        return mouth_weights(module, batch, self.mouth_weight)
 
     def loss(self, module, batch):
         denoiser, process = module.denoiser, module.process
@@ -55,3 +51,13 @@ class SFT(Algorithm):
         weights = self.loss_weights(module, batch)
         loss = per_sample_mse(pred, process.target(x0, eps, t), weights).mean()
         return loss, {"loss": loss.detach()}
+
+
+def mouth_weights(module, batch: dict, mouth_weight: float) -> torch.Tensor | None:
+    """Per-latent loss weights ``[B, 1, F, h, w]``: ``1 + mouth_weight`` on the latents of the box
+    mouth ± (0.6·d, 0.8·d) located from the ``pose`` keypoints (d the eye distance), 1 elsewhere; None for 0."""
+    if not mouth_weight:
+        return None
+    video = batch["video"]
+    box = metrics.mouth_box(batch["pose"], video.shape[-2], video.shape[-1], half_width=0.6, half_height=0.8)
+    return 1 + mouth_weight * module.denoiser.codec.pool_mask(box)

@@ -1,0 +1,606 @@
+"""Multimodal-LLM judges as rewards (FlowPortrait): a vision-language model rates sampled frames of each video for
+lip sync, expressiveness and motion quality, in process (``MLLMJudge``) or over an OpenAI-compatible endpoint
+(``OpenAIJudge``, e.g. a big judge served by vLLM or SGLang).
+
+Both share the prompt, the parser and the failure policy:
+
+- A judge answers with a JSON object of integer scores on a 1-5 scale, one per aspect. ``parse_scores`` takes the
+  first JSON object in the answer (code fences and prose around it are fine) and rejects a missing aspect, a value
+  that is not a number or one outside the scale.
+- An unusable answer is asked again up to ``max_retries`` times (the retries sample at ``retry_temperature``: a
+  greedy judge would repeat itself). A video with no usable answer after that is scored per ``on_failure``:
+  ``"neutral"`` gives the middle of the scale (3) for every aspect, ``"drop"`` gives NaN for every aspect so that
+  the trainer drops the sample from its group.
+- A score ``s`` is returned as ``(s - 1) / 4``, in [0, 1], under ``{prefix}{aspect}`` (``judge/lip_sync`` ...),
+  plus a ``{prefix stripped of '/' and '_'}_valid`` term (``judge_valid``): 1.0 where the judge answered, 0.0 where
+  the policy scored the video. It is a mask, not a reward: ``total()`` leaves it out, and a consumer that sums
+  terms itself must too. NaN aspects mean "dropped"; with ``on_failure="neutral"`` no NaN is ever returned.
+- ``stats`` counts ``requests`` (judge calls made), ``retries`` (calls repeated after an unusable answer) and
+  ``failures`` (videos scored by the policy), cumulatively, for the trainer to log; ``reset_stats()`` zeroes them.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import http.client
+import io
+import json
+import logging
+import math
+import os
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+
+from prefalign.rewards.base import Reward
+
+log = logging.getLogger(__name__)
+
+ASPECTS = ("lip_sync", "expressiveness", "motion_quality")
+LOW, HIGH = 1, 5
+
+DEFAULT_PROMPT = (
+    "These images are {num_frames} frames sampled in order from a generated talking-head video. Rate the video on "
+    "each aspect with an integer from 1 (very poor) to 5 (excellent):\n"
+    "- lip_sync: the mouth shapes and their timing match natural speech;\n"
+    "- expressiveness: the face and head show lively, natural expressions;\n"
+    "- motion_quality: the motion is smooth and plausible, without jitter, warping or frozen frames.\n"
+    'Answer with strict JSON only, nothing else, e.g. {"lip_sync": 4, "expressiveness": 3, "motion_quality": 5}'
+)
+
+
+def parse_scores(text: object, aspects: Sequence[str], low: float = LOW, high: float = HIGH) -> dict[str, float] | None:
+    """The scores of the first JSON object in a judge's answer, or ``None`` if it is unusable; never raises.
+
+    Args:
+        text (str): the answer; code fences and prose around the object are fine.
+        aspects (Sequence[str]): keys that must all be present (other keys are ignored).
+        low (float): lowest valid score.
+        high (float): highest valid score.
+
+    Returns:
+        ``{aspect: score}`` with every score a finite number in ``[low, high]`` (ints, floats or numeric strings
+        such as ``"4"``), or ``None`` when there is no JSON object, an aspect is missing, or a value is not a number
+        (booleans included) or out of range.
+    """
+    if not isinstance(text, str):
+        return None
+    obj = _first_json_object(text[:20000])
+    if obj is None:
+        return None
+    scores = {}
+    for aspect in aspects:
+        value = _number(obj.get(aspect))
+        if value is None or not low <= value <= high:
+            return None
+        scores[aspect] = value
+    return scores
+
+
+def _first_json_object(text: str) -> dict | None:
+    decoder = json.JSONDecoder()
+    start = text.find("{")
+    while start != -1:
+        try:
+            obj, _ = decoder.raw_decode(text, start)
+        except (ValueError, RecursionError):
+            obj = None
+        if isinstance(obj, dict):
+            return obj
+        start = text.find("{", start + 1)
+    return None
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return None
+    else:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def sample_frames(videos: torch.Tensor, num_frames: int) -> np.ndarray:
+    """``num_frames`` evenly spaced frames of each video (first and last included), as uint8 images.
+
+    Args:
+        videos (Tensor): ``[B, T, 3, H, W]`` floats in [0, 1] (values outside are clipped).
+        num_frames (int): frames per video; a video with fewer frames gives all of them.
+
+    Returns:
+        ``[B, min(num_frames, T), H, W, 3]`` uint8 array.
+    """
+    if videos.dim() != 5 or videos.shape[2] != 3:
+        raise ValueError(f"videos must be [batch, frames, 3, height, width]; got shape {tuple(videos.shape)}")
+    if not torch.isfinite(videos).all():
+        raise ValueError("videos hold NaN or infinite values; a judge cannot rate them")
+    count = videos.shape[1]
+    index = torch.linspace(0, count - 1, min(num_frames, count)).round().long().to(videos.device)
+    frames = videos.index_select(1, index).detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
+    return frames.permute(0, 1, 3, 4, 2).cpu().numpy()
+
+
+class _Judge(Reward):
+    """What both judges share: frame sampling, the prompt, the parser, the failure policy and the counts."""
+
+    def __init__(
+        self,
+        aspects: Sequence[str],
+        prompt: str | None,
+        num_frames: int,
+        max_retries: int,
+        retry_temperature: float,
+        on_failure: Literal["neutral", "drop"],
+        prefix: str,
+    ):
+        if on_failure not in ("neutral", "drop"):
+            raise ValueError(f"on_failure must be 'neutral' or 'drop'; got {on_failure!r}")
+        if num_frames < 1:
+            raise ValueError(f"num_frames must be at least 1; got {num_frames}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be at least 0; got {max_retries}")
+        if not aspects:
+            raise ValueError("a judge needs at least one aspect")
+        if prompt is None and tuple(aspects) != ASPECTS:
+            raise ValueError(
+                f"the default prompt asks for {list(ASPECTS)}; give a `prompt` for aspects {list(aspects)}"
+            )
+        self.aspects = list(aspects)
+        self.prompt = DEFAULT_PROMPT if prompt is None else prompt
+        self.num_frames = num_frames
+        self.max_retries = max_retries
+        self.retry_temperature = retry_temperature
+        self.on_failure = on_failure
+        self.prefix = prefix
+        self.valid_term = f"{prefix.rstrip('/_')}_valid"
+        self.stats = {"requests": 0, "retries": 0, "failures": 0}
+        self._lock = threading.Lock()
+
+    @property
+    def aspect_terms(self) -> list[str]:
+        """The names of the score terms, ``{prefix}{aspect}``."""
+        return [f"{self.prefix}{aspect}" for aspect in self.aspects]
+
+    @property
+    def mask_terms(self) -> list[str]:
+        """The names of the terms that are masks, not rewards (``judge_valid``): never to be weighted or summed."""
+        return [self.valid_term]
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            for key in self.stats:
+                self.stats[key] = 0
+
+    def _count(self, **counts: int) -> None:
+        with self._lock:
+            for key, value in counts.items():
+                self.stats[key] = self.stats.get(key, 0) + value
+
+    def _text(self, num_frames: int) -> str:
+        # A plain replace, not str.format: the prompt's literal JSON braces need no escaping.
+        return self.prompt.replace("{num_frames}", str(num_frames))
+
+    def __getstate__(self) -> dict:
+        return {key: value for key, value in self.__dict__.items() if key != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def _judge(self, frames: np.ndarray) -> tuple[list[dict[str, float] | None], list[str]]:
+        """Scores per video (``None`` where the judge gave no usable answer) and the reasons of the failures."""
+        raise NotImplementedError
+
+    def score(self, videos: torch.Tensor, cond: dict) -> dict[str, torch.Tensor]:
+        frames = sample_frames(videos, self.num_frames)
+        before = dict(self.stats)
+        results, reasons = self._judge(frames)
+        after = dict(self.stats)
+        delta = {key: after[key] - before.get(key, 0) for key in after}
+        counts = ", ".join(f"{key} {value}" for key, value in delta.items())
+        log.info("%s: %d videos, %s", type(self).__name__, len(results), counts)
+        if reasons:
+            log.warning(
+                "%s: no usable answer for %d of %d videos after up to %d retries; %s (last reason: %s)",
+                type(self).__name__, len(reasons), len(results), self.max_retries,
+                "scored neutral" if self.on_failure == "neutral" else "dropped (NaN)", reasons[-1],
+            )
+        fallback = (LOW + HIGH) / 2 if self.on_failure == "neutral" else math.nan
+        terms = {}
+        for aspect, name in zip(self.aspects, self.aspect_terms):
+            values = [fallback if r is None else r[aspect] for r in results]
+            terms[name] = (torch.tensor(values, dtype=torch.float32) - LOW) / (HIGH - LOW)
+        terms[self.valid_term] = torch.tensor([float(r is not None) for r in results])
+        return {name: value.to(videos.device) for name, value in terms.items()}
+
+    def total(self, videos: torch.Tensor, cond: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The sum of the aspect terms (not the validity mask), NaN for a dropped video, and all terms."""
+        terms = self.score(videos, cond)
+        return sum(terms[name] for name in self.aspect_terms), terms
+
+
+class _ImagesOnlyProcessor:
+    """What ``Qwen2_5_VLProcessor`` does for images, built from its tokenizer and image processor.
+
+    transformers 5.x cannot build a Qwen2-VL-family processor without torchvision, even for images only: it
+    always loads the torchvision-only video processor (huggingface/transformers#48558). The tokenizer and the
+    PIL image processor need no torchvision, so this does the processor's part: each image placeholder is
+    repeated once per merged patch, and ``mm_token_type_ids`` marks the image tokens (the model computes its
+    3D rotary positions from it).
+    """
+
+    def __init__(self, tokenizer, image_processor):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.chat_template = tokenizer.chat_template
+
+    def apply_chat_template(self, messages, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, **kwargs)
+
+    def batch_decode(self, ids, **kwargs):
+        return self.tokenizer.batch_decode(ids, **kwargs)
+
+    def __call__(self, text: list[str], images: list, **kwargs) -> dict:
+        features = self.image_processor(images=images, return_tensors="pt")
+        merge = self.image_processor.merge_size**2
+        tokens_per_image = iter((features["image_grid_thw"].prod(-1) // merge).tolist())
+        expanded = []
+        for sample in text:
+            head, *rest = sample.split(self.image_token)
+            expanded.append(head + "".join(self.image_token * next(tokens_per_image) + part for part in rest))
+        encoded = self.tokenizer(expanded, padding=True, return_tensors="pt")
+        encoded["mm_token_type_ids"] = (encoded["input_ids"] == self.image_token_id).long()
+        return {**encoded, **features}
+
+
+class MLLMJudge(_Judge):
+    """An in-process vision-language judge (FlowPortrait's MLLM reward; Qwen2.5-VL by default).
+
+    The sampled frames go in as the images of one user message followed by the prompt, through the processor's
+    chat template (the tokenizer's when the processor cannot load, the Qwen layout when neither has one); videos
+    are batched (left padded) and decoded greedily, retries sample at ``retry_temperature``. The model runs in
+    eval mode without gradients, on the videos' device. It is no ``nn.Module`` attribute of the trainer, so it is
+    neither trained nor saved in checkpoints.
+
+    Args:
+        pretrained (str | None): Hub id or folder of the judge (model and processor), e.g.
+            ``Qwen/Qwen2.5-VL-7B-Instruct``.
+        config (dict | None): config arguments of ``model_class`` to build a random judge (tests); needs
+            ``processor``.
+        processor (str | None): Hub id or folder of the processor, when not that of ``pretrained``.
+        model_class (str): the transformers class, e.g. ``Qwen2_5_VLForConditionalGeneration``,
+            ``Qwen3VLForConditionalGeneration``, ``AutoModelForImageTextToText``.
+        torch_dtype (str): weights' dtype: ``auto`` (the checkpoint's; float32 for ``config``), ``bfloat16``,
+            ``float16``, ``float32``.
+        attn_implementation (str | None): ``sdpa``, ``flash_attention_2`` ...; ``None`` lets transformers choose.
+        max_new_tokens (int): longest answer generated.
+        batch_size (int | None): videos per ``generate`` call; ``None`` puts all of a ``score`` call in one.
+        aspects (Sequence[str]): keys the judge must answer (the default prompt asks for the three defaults).
+        prompt (str | None): the instruction after the frames; ``{num_frames}`` in it is filled in.
+        num_frames (int): evenly spaced frames shown per video.
+        max_retries (int): times an unusable answer is asked again.
+        retry_temperature (float): sampling temperature of the retries (0: greedy again).
+        on_failure (str): ``neutral`` (score 3 for every aspect) or ``drop`` (NaN, for GRPO to drop the sample).
+        prefix (str): prefix of the term names.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        config: dict | None = None,
+        processor: str | None = None,
+        model_class: str = "Qwen2_5_VLForConditionalGeneration",
+        torch_dtype: str = "auto",
+        attn_implementation: str | None = None,
+        max_new_tokens: int = 64,
+        batch_size: int | None = None,
+        aspects: Sequence[str] = ASPECTS,
+        prompt: str | None = None,
+        num_frames: int = 8,
+        max_retries: int = 2,
+        retry_temperature: float = 0.7,
+        on_failure: Literal["neutral", "drop"] = "neutral",
+        prefix: str = "judge/",
+    ):
+        super().__init__(aspects, prompt, num_frames, max_retries, retry_temperature, on_failure, prefix)
+        import transformers
+        from packaging.version import Version
+
+        if (pretrained is None) == (config is None):
+            raise ValueError("MLLMJudge needs exactly one of `pretrained` (a Hub id or folder) or `config`")
+        if config is not None and processor is None:
+            raise ValueError("MLLMJudge built from a `config` needs a `processor` (a Hub id or folder)")
+        cls = getattr(transformers, model_class, None)
+        if cls is None:
+            raise ValueError(f"transformers has no model class {model_class!r}")
+        dtype = torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
+        if pretrained is not None:
+            # transformers 4.56 renamed `torch_dtype` to `dtype` and 5.x warns on the old name.
+            key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+            options = {key: dtype}
+            if attn_implementation is not None:
+                options["attn_implementation"] = attn_implementation
+            self.model = cls.from_pretrained(pretrained, **options)
+        else:
+            self.model = cls(cls.config_class(**config)).to(torch.float32 if dtype == "auto" else dtype)
+        self.model.eval().requires_grad_(False)
+        self.processor = self._load_processor(processor or pretrained)
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+
+    @staticmethod
+    def _load_processor(path: str):
+        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+        try:
+            return AutoProcessor.from_pretrained(path)
+        except ImportError as err:
+            log.info("MLLMJudge: the processor of %s does not load (%s); using its tokenizer and image processor",
+                     path, str(err).strip().split(". ")[0])
+            return _ImagesOnlyProcessor(AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(model={type(self.model).__name__}, aspects={self.aspects}, "
+                f"num_frames={self.num_frames}, on_failure={self.on_failure!r})")
+
+    def _chat_text(self, num_frames: int) -> str:
+        prompt = self._text(num_frames)
+        messages = [{"role": "user", "content": [{"type": "image"}] * num_frames + [{"type": "text", "text": prompt}]}]
+        for owner in (self.processor, self.tokenizer):
+            if getattr(owner, "chat_template", None):
+                return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        images = "<|vision_start|><|image_pad|><|vision_end|>" * num_frames
+        return f"<|im_start|>user\n{images}{prompt}<|im_end|>\n<|im_start|>assistant\n"
+
+    @torch.no_grad()
+    def _generate(self, frames: np.ndarray, temperature: float) -> list[str]:
+        from PIL import Image
+        from transformers import GenerationConfig
+
+        self.model.eval()
+        param = next(self.model.parameters())
+        text = self._chat_text(frames.shape[1])
+        images = [Image.fromarray(frame) for video in frames for frame in video]
+        inputs = self.processor(text=[text] * len(frames), images=images, padding=True, return_tensors="pt")
+        inputs = {k: v.to(param.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        sample = temperature > 0
+        generation = GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=pad,
+            eos_token_id=self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id,
+        )
+        out = self.model.generate(**inputs, generation_config=generation)
+        return self.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    def score(self, videos: torch.Tensor, cond: dict) -> dict[str, torch.Tensor]:
+        if next(self.model.parameters()).device != videos.device:
+            self.model.to(videos.device)
+        return super().score(videos, cond)
+
+    def _judge(self, frames: np.ndarray) -> tuple[list[dict[str, float] | None], list[str]]:
+        results: list[dict[str, float] | None] = [None] * len(frames)
+        pending = list(range(len(frames)))
+        last: dict[int, str] = {}
+        chunk = self.batch_size or max(len(frames), 1)
+        for attempt in range(self.max_retries + 1):
+            if not pending:
+                break
+            if attempt:
+                self._count(retries=len(pending))
+            temperature = self.retry_temperature if attempt else 0.0
+            still = []
+            for start in range(0, len(pending), chunk):
+                rows = pending[start:start + chunk]
+                answers = self._generate(frames[rows], temperature)
+                self._count(requests=len(rows))
+                for row, answer in zip(rows, answers):
+                    results[row] = parse_scores(answer, self.aspects)
+                    if results[row] is None:
+                        still.append(row)
+                        last[row] = f"unusable answer {answer[:120]!r}"
+            pending = still
+        self._count(failures=len(pending))
+        return results, [last[row] for row in pending]
+
+
+class _RequestFailed(Exception):
+    """A request given up on: a 4xx answer other than 429, or retries exhausted."""
+
+
+class OpenAIJudge(_Judge):
+    """A judge behind an OpenAI-compatible chat-completions endpoint (vLLM, SGLang, or a hosted API).
+
+    Each video is one request: ``POST {base_url}/chat/completions`` with the frames as base64 PNG ``image_url``
+    parts followed by the prompt, ``temperature`` 0 (``retry_temperature`` on retries) and ``max_tokens``. Up to
+    ``max_concurrency`` requests are in flight at once. Timeouts, connection errors, 429 and 5xx are retried
+    ``http_retries`` times with exponential backoff (``backoff * 2**k`` seconds, at most ``max_backoff``; a 429's
+    ``Retry-After`` when it says more); another 4xx is not retried. A request given up on fails its video (scored
+    per ``on_failure``) without answer retries on top. ``stats`` adds ``http_retries`` and ``http_errors``.
+
+    The API key is read from the environment variable ``api_key_env`` at each request (sent as
+    ``Authorization: Bearer ...``, none when the variable is unset); it is never stored, logged or shown.
+
+    Args:
+        model (str): the served model's name.
+        base_url (str): the API root, e.g. ``http://localhost:8000/v1``.
+        api_key_env (str): name of the environment variable holding the API key.
+        timeout (float): seconds a request may wait on the connection or on each read of the answer.
+        http_retries (int): times a request is re-sent after a timeout, connection error, 429 or 5xx.
+        backoff (float): seconds before the first re-send, doubled at each.
+        max_backoff (float): longest wait between re-sends.
+        max_concurrency (int): requests in flight at once.
+        max_tokens (int): longest answer.
+        extra_body (dict | None): more fields of the request, e.g. ``{"response_format": {"type": "json_object"}}``.
+        aspects, prompt, num_frames, max_retries, retry_temperature, on_failure, prefix: as in ``MLLMJudge``.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str = "http://localhost:8000/v1",
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout: float = 60.0,
+        http_retries: int = 4,
+        backoff: float = 1.0,
+        max_backoff: float = 30.0,
+        max_concurrency: int = 8,
+        max_tokens: int = 64,
+        extra_body: dict | None = None,
+        aspects: Sequence[str] = ASPECTS,
+        prompt: str | None = None,
+        num_frames: int = 8,
+        max_retries: int = 2,
+        retry_temperature: float = 0.7,
+        on_failure: Literal["neutral", "drop"] = "neutral",
+        prefix: str = "judge/",
+    ):
+        super().__init__(aspects, prompt, num_frames, max_retries, retry_temperature, on_failure, prefix)
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1; got {max_concurrency}")
+        self.model = model
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.api_key_env = api_key_env
+        self.timeout = timeout
+        self.http_retries = http_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.max_concurrency = max_concurrency
+        self.max_tokens = max_tokens
+        self.extra_body = dict(extra_body or {})
+        self.stats.update(http_retries=0, http_errors=0)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(model={self.model!r}, url={self.url!r}, api_key_env={self.api_key_env!r}, "
+                f"max_concurrency={self.max_concurrency}, on_failure={self.on_failure!r})")
+
+    def _redact(self, text: str) -> str:
+        key = os.environ.get(self.api_key_env)
+        return text.replace(key, "***") if key else text
+
+    def _body(self, images: list[str], temperature: float) -> bytes:
+        content = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}} for image in images]
+        content.append({"type": "text", "text": self._text(len(images))})
+        body = {
+            **self.extra_body,
+            "model": self.model,
+            "messages": [{"role": "user", "content": content}],
+            "temperature": temperature,
+            "max_tokens": self.max_tokens,
+        }
+        return json.dumps(body).encode()
+
+    def _post(self, body: bytes) -> str:
+        """The answer's text, after re-sends of transient errors; raises ``_RequestFailed`` when given up on."""
+        for attempt in range(self.http_retries + 1):
+            headers = {"Content-Type": "application/json"}
+            key = os.environ.get(self.api_key_env)
+            if key:
+                headers["Authorization"] = f"Bearer {key}"
+            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+            self._count(requests=1)
+            wait = None
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    payload = response.read()
+            except urllib.error.HTTPError as err:
+                reason = f"HTTP {err.code} {self._redact(_error_body(err))!r}"
+                if err.code != 429 and err.code < 500:
+                    raise _RequestFailed(reason) from None
+                if err.code == 429:
+                    wait = _seconds(err.headers.get("Retry-After") if err.headers is not None else None)
+            except (urllib.error.URLError, TimeoutError, OSError, http.client.HTTPException) as err:
+                reason = self._redact(f"{type(err).__name__}: {getattr(err, 'reason', err)}")
+            else:
+                return _answer_text(payload)
+            if attempt == self.http_retries:
+                raise _RequestFailed(f"{reason} after {self.http_retries} re-sends")
+            self._count(http_retries=1)
+            delay = min(self.max_backoff, self.backoff * 2**attempt)
+            time.sleep(min(self.max_backoff, max(delay, wait or 0.0)))
+        raise AssertionError("unreachable")
+
+    def _judge_one(self, frames: np.ndarray) -> tuple[dict[str, float] | None, str]:
+        images = [_png_base64(frame) for frame in frames]
+        reason = ""
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                self._count(retries=1)
+            body = self._body(images, self.retry_temperature if attempt else 0.0)
+            try:
+                answer = self._post(body)
+            except _RequestFailed as err:
+                self._count(http_errors=1, failures=1)
+                return None, str(err)
+            scores = parse_scores(answer, self.aspects)
+            if scores is not None:
+                return scores, ""
+            reason = f"unusable answer {self._redact(str(answer)[:120])!r}"
+        self._count(failures=1)
+        return None, reason
+
+    def _judge(self, frames: np.ndarray) -> tuple[list[dict[str, float] | None], list[str]]:
+        with concurrent.futures.ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="judge") as pool:
+            outcomes = list(pool.map(self._judge_one, frames))
+        return [scores for scores, _ in outcomes], [reason for scores, reason in outcomes if scores is None]
+
+
+def _answer_text(payload: bytes) -> str | None:
+    """``choices[0].message.content`` of a chat-completions answer; ``None`` (an unusable answer) if absent."""
+    try:
+        content = json.loads(payload)["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    if isinstance(content, list):  # content parts
+        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content if isinstance(content, str) else None
+
+
+def _error_body(err: urllib.error.HTTPError) -> str:
+    """The start of an error answer's body (what the server says is wrong), closing it."""
+    try:
+        return err.read(300).decode("utf-8", "replace") if err.fp is not None else ""
+    except (OSError, http.client.HTTPException):
+        return ""
+    finally:
+        err.close()
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _png_base64(frame: np.ndarray) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+__all__ = ["ASPECTS", "DEFAULT_PROMPT", "MLLMJudge", "OpenAIJudge", "parse_scores", "sample_frames"]
