@@ -4,7 +4,8 @@
 
 reads every ``metrics.csv`` under RUN_DIR (e.g. ``runs/demo-sft/csv/version_0/metrics.csv``) and writes
 ``RUN_DIR/curves.png``: the train and val loss, the val sync score against the ground truth's, and the jitter and
-identity guards; with DPO also the implicit accuracy and the reward margin, with a skeleton the head offset.
+identity guards; with DPO also the implicit accuracy and the reward margin, with GRPO the rollout rewards; the
+head offset and the texture term when logged.
 Columns a run did not log are left out.
 """
 
@@ -40,6 +41,12 @@ OPTIONAL_PANELS = [
     ("DPO implicit accuracy", "fraction of pairs", [("train/implicit_accuracy", "train", "line")]),
     ("DPO reward margin", "β·h", [("train/reward_margin", "train", "line")]),
     ("Face position vs. ground truth (lower is better)", "pixels", [("val/head_offset", "head offset", "points")]),
+    ("Texture vs. the reference (0 is the reference's)", "−|log energy ratio|", [("val/texture", "val samples", "points")]),
+    (
+        "GRPO rollout rewards (train)",
+        "reward",
+        [("train/reward/sync", "sync", "line"), ("train/reward/texture", "texture", "line"), ("train/reward", "total", "line")],
+    ),
 ]
 SUMMARY = ["val/loss", "val/sync", "val/sync_ground_truth", "val/jitter", "val/identity"]
 

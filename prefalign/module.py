@@ -19,6 +19,7 @@ from prefalign.algorithms.sft import SFT
 from prefalign.data.errors import DataError
 from prefalign.denoisers.base import PortraitDenoiser
 from prefalign.processes.base import Process
+from prefalign.rewards.regularizers import TextureReward
 
 
 @dataclass
@@ -354,11 +355,13 @@ class AlignmentModule(L.LightningModule):
         return self.denoiser.decode(x)
 
     def score_videos(self, video: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
-        """TalkingShapes metrics of sampled videos against the batch's audio, reference and ground truth."""
+        """TalkingShapes metrics of sampled videos against the batch's audio, reference and ground truth, and the
+        texture term (high-frequency energy against the reference's: 0 is the reference's, below is blur or grain)."""
         sample_rate = self.denoiser.audio_encoder.sample_rate if self.denoiser.audio_encoder is not None else 16000
         scores = {
             "sync": metrics.sync_score(video, batch["audio"], sample_rate, self.denoiser.fps),
             "identity": metrics.identity_drift(video, batch["reference"]),
+            "texture": TextureReward().score(video, batch)["texture"],
         }
         if batch.get("pose") is not None:
             scores["sync_pose_box"] = metrics.sync_score(video, batch["audio"], sample_rate, self.denoiser.fps, batch["pose"])
