@@ -17,7 +17,7 @@ from prefalign import metrics
 from prefalign.algorithms.base import Algorithm, per_sample_mse
 from prefalign.algorithms.sft import SFT
 from prefalign.data.errors import DataError
-from prefalign.denoisers.base import PortraitDenoiser
+from prefalign.denoisers.base import PortraitDenoiser, join_chunks
 from prefalign.processes.base import Process
 from prefalign.rewards.regularizers import TextureReward
 
@@ -284,10 +284,7 @@ class AlignmentModule(L.LightningModule):
         if settings.chunk_frames is None or num_frames <= settings.chunk_frames:
             generator = torch.Generator(device=self.device).manual_seed(settings.seed)
             return self._sample(batch, num_frames, settings, generator)
-        chunks = self.generate_chunks(batch, num_frames, settings)
-        overlap = settings.motion_frames
-        video = torch.cat([chunks[0]] + [chunk[:, overlap:] for chunk in chunks[1:]], dim=1)
-        return video[:, :num_frames]
+        return join_chunks(self.generate_chunks(batch, num_frames, settings), settings.motion_frames, num_frames)
 
     @torch.no_grad()
     def generate_chunks(self, batch: dict, num_frames: int, settings: Optional[SamplingSettings] = None) -> list:
@@ -312,15 +309,9 @@ class AlignmentModule(L.LightningModule):
         if not 0 < overlap < size:
             raise ValueError(f"motion_frames ({overlap}) must be between 0 and chunk_frames ({size})")
         generator = torch.Generator(device=self.device).manual_seed(settings.seed)
-        spf = self.denoiser.audio_encoder.sample_rate / self.denoiser.fps if self.denoiser.audio_encoder else None
         chunks, start = [], 0
         while True:
-            part = {"reference": batch["reference"]}
-            if spf is not None:
-                part["audio"] = batch["audio"][:, round(start * spf) : round((start + size) * spf)]
-            if batch.get("pose") is not None:
-                pose = batch["pose"][:, start : start + size]
-                part["pose"] = torch.cat([pose, pose[:, -1:].expand(-1, size - pose.shape[1], -1, -1)], dim=1)
+            part = self.denoiser.chunk_inputs(batch, start, size)
             known = codec.encode(chunks[-1][:, -overlap:]) if chunks else None
             chunks.append(self._sample(part, size, settings, generator, known))
             if start + size >= num_frames:

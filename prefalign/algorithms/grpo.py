@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from prefalign.algorithms.base import Algorithm
+from prefalign.denoisers.base import join_chunks
 from prefalign.processes.base import randn
 from prefalign.rewards.base import Reward
 from prefalign.rewards.composite import CompositeReward, group_advantages
@@ -217,14 +218,8 @@ class GRPO(Algorithm):
         size, overlap = self.chunk_frames, self.motion_frames
         codec = denoiser.codec
         segments, videos, start = [], [], 0
-        spf = denoiser.audio_encoder.sample_rate / denoiser.fps if denoiser.audio_encoder is not None else None
         while True:
-            part = {"reference": batch["reference"]}
-            if spf is not None:
-                part["audio"] = batch["audio"][:, round(start * spf) : round((start + size) * spf)]
-            if batch.get("pose") is not None:
-                pose = batch["pose"][:, start : start + size]
-                part["pose"] = torch.cat([pose, pose[:, -1:].expand(-1, size - pose.shape[1], -1, -1)], dim=1)
+            part = denoiser.chunk_inputs(batch, start, size)
             known = codec.encode(videos[-1][:, -overlap:]) if videos else None
             segment = self.rollout(module, part, size, prior(size), generator, known)
             segments.append(segment)
@@ -232,8 +227,7 @@ class GRPO(Algorithm):
             if start + size >= num_frames:
                 break
             start += size - overlap
-        video = torch.cat([videos[0]] + [v[:, overlap:] for v in videos[1:]], dim=1)[:, :num_frames]
-        return segments, video
+        return segments, join_chunks(videos, overlap, num_frames)
 
     # --- advantages -------------------------------------------------------------------------------------------------
     def advantages(self, total: torch.Tensor, terms: dict, group_ids: torch.Tensor) -> torch.Tensor:

@@ -170,6 +170,18 @@ class PortraitDenoiser(nn.Module):
             cond["pose"] = pose
         return cond
 
+    def chunk_inputs(self, batch: dict, start: int, size: int) -> dict:
+        """The conditions of frames ``[start, start + size)`` of a long clip (chunked generation): the reference,
+        the audio of those frames (zero-padded past its end by the encoder) and the pose (its last frame repeated)."""
+        part = {"reference": batch["reference"]}
+        if self.audio_encoder is not None:
+            spf = self.audio_encoder.sample_rate / self.fps  # audio samples per video frame
+            part["audio"] = batch["audio"][:, round(start * spf) : round((start + size) * spf)]
+        if batch.get("pose") is not None:
+            pose = batch["pose"][:, start : start + size]
+            part["pose"] = torch.cat([pose, pose[:, -1:].expand(-1, size - pose.shape[1], -1, -1)], dim=1)
+        return part
+
     def encode_reference(self, reference: torch.Tensor, num_frames: int) -> torch.Tensor:
         """The reference image ``[B, 3, H, W]`` as the latent the backbone takes (default: one latent frame)."""
         return self.codec.encode(reference[:, None])
@@ -202,6 +214,12 @@ class PortraitDenoiser(nn.Module):
     def backbone_forward(self, noisy_latents: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """Run the backbone on ``noisy_latents [B, C, F, h, w]`` with the reference in the family's layout."""
         raise NotImplementedError
+
+
+def join_chunks(chunks: list[torch.Tensor], overlap: int, num_frames: int) -> torch.Tensor:
+    """Videos ``[B, T, ...]`` made chunk by chunk, each starting with the last ``overlap`` frames of the one before,
+    joined into one ``num_frames`` long."""
+    return torch.cat([chunks[0]] + [chunk[:, overlap:] for chunk in chunks[1:]], dim=1)[:, :num_frames]
 
 
 class _AudioHook:

@@ -97,7 +97,29 @@ class PixelCodec(Codec):
         return ((video + 1) / 2).clamp(0, 1)
 
 
-class WanVAECodec(Codec):
+class VAECodec(Codec):
+    """A codec around a frozen diffusers VAE (``self.vae``), loaded with ``from_pretrained`` or built from a config."""
+
+    vae: nn.Module
+
+    def load_vae(self, vae_class, pretrained, subfolder, config, torch_dtype: str) -> None:
+        if (pretrained is None) == (config is None):
+            name = type(self).__name__
+            raise ValueError(f"{name} needs exactly one of `pretrained` (a Hub id or folder) or `config`")
+        dtype = getattr(torch, torch_dtype)
+        if pretrained is not None:
+            vae = vae_class.from_pretrained(pretrained, subfolder=subfolder, torch_dtype=dtype)
+        else:
+            vae = vae_class(**config).to(dtype)
+        self.vae = vae.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vae.eval()  # frozen: never in training mode
+        return self
+
+
+class WanVAECodec(VAECodec):
     """Wan's causal video VAE (diffusers ``AutoencoderKLWan``), frozen, with its latent normalisation.
 
     Args:
@@ -118,16 +140,9 @@ class WanVAECodec(Codec):
         sample: bool = False,
     ):
         super().__init__()
-        from diffusers import AutoencoderKLWan
+        import diffusers
 
-        if (pretrained is None) == (config is None):
-            raise ValueError("WanVAECodec needs exactly one of `pretrained` (a Hub id or folder) or `config`")
-        dtype = getattr(torch, torch_dtype)
-        if pretrained is not None:
-            self.vae = AutoencoderKLWan.from_pretrained(pretrained, subfolder=subfolder, torch_dtype=dtype)
-        else:
-            self.vae = AutoencoderKLWan(**config).to(dtype)
-        self.vae.requires_grad_(False).eval()
+        self.load_vae(diffusers.AutoencoderKLWan, pretrained, subfolder, config, torch_dtype)
         cfg = self.vae.config
         self.temporal_ratio = cfg.scale_factor_temporal or 2 ** sum(cfg.temperal_downsample)
         self.spatial_ratio = cfg.scale_factor_spatial or 2 ** len(cfg.temperal_downsample)
@@ -136,11 +151,6 @@ class WanVAECodec(Codec):
         shape = (1, cfg.z_dim, 1, 1, 1)
         self.register_buffer("mean", torch.tensor(cfg.latents_mean).view(shape), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.latents_std).view(shape), persistent=False)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.vae.eval()  # frozen: never in training mode
-        return self
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
@@ -157,7 +167,7 @@ class WanVAECodec(Codec):
         return ((x.permute(0, 2, 1, 3, 4) + 1) / 2).clamp(0, 1)
 
 
-class SVDVAECodec(Codec):
+class SVDVAECodec(VAECodec):
     """Stable Video Diffusion's VAE (diffusers ``AutoencoderKLTemporalDecoder``), frozen: frames are encoded one by
     one (temporal ratio 1) and decoded together by its temporal decoder; latents are scaled by ``scaling_factor``.
 
@@ -179,27 +189,15 @@ class SVDVAECodec(Codec):
         sample: bool = False,
     ):
         super().__init__()
-        from diffusers import AutoencoderKLTemporalDecoder
+        import diffusers
 
-        if (pretrained is None) == (config is None):
-            raise ValueError("SVDVAECodec needs exactly one of `pretrained` (a Hub id or folder) or `config`")
-        dtype = getattr(torch, torch_dtype)
-        if pretrained is not None:
-            self.vae = AutoencoderKLTemporalDecoder.from_pretrained(pretrained, subfolder=subfolder, torch_dtype=dtype)
-        else:
-            self.vae = AutoencoderKLTemporalDecoder(**config).to(dtype)
-        self.vae.requires_grad_(False).eval()
+        self.load_vae(diffusers.AutoencoderKLTemporalDecoder, pretrained, subfolder, config, torch_dtype)
         cfg = self.vae.config
         self.temporal_ratio = 1
         self.spatial_ratio = 2 ** (len(cfg.block_out_channels) - 1)
         self.latent_channels = cfg.latent_channels
         self.scaling_factor = cfg.scaling_factor
         self.sample = sample
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.vae.eval()  # frozen: never in training mode
-        return self
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
