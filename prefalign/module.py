@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -10,16 +11,20 @@ from typing import Callable, Iterator, Optional
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 from safetensors.torch import load_file
 from torch import nn
 
-from prefalign import metrics
+from prefalign import checkpoints, metrics
 from prefalign.algorithms.base import Algorithm, per_sample_mse
 from prefalign.algorithms.sft import SFT
+from prefalign.data.datamodule import SkipSummary
 from prefalign.data.errors import DataError
 from prefalign.denoisers.base import PortraitDenoiser, join_chunks
 from prefalign.processes.base import Process
 from prefalign.rewards.regularizers import TextureReward
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,6 +107,8 @@ class AlignmentModule(L.LightningModule):
             self._add_lora(lora)
         self._reference: Optional[PortraitDenoiser] = None
         self.automatic_optimization = not self.algorithm.manual_optimization
+        self._resume_rng: Optional[dict] = None  # this rank's random state from a checkpoint, set at the next step
+        self._skips = {"train": SkipSummary(), "val": SkipSummary()}
 
     # --- parameters -------------------------------------------------------------------------------------------------
     def _add_lora(self, settings: LoraSettings) -> None:
@@ -203,6 +210,51 @@ class AlignmentModule(L.LightningModule):
         else:
             self._reference.load_state_dict(self.denoiser.state_dict())
 
+    # --- checkpoints ---------------------------------------------------------------------------------------------
+    def trained_checkpoint(self) -> dict:
+        """A checkpoint's model part: the trained tensors (LoRA adapters and new modules under LoRA, the denoiser
+        without its frozen codec and audio encoder under full fine-tuning, reference snapshots) and the run's
+        description. What ``on_save_checkpoint`` keeps and ``PushToHub`` uploads; no collective calls."""
+        return {
+            "state_dict": checkpoints.drop_frozen(self.state_dict(), self),
+            "prefalign": checkpoints.run_metadata(self),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        checkpoint["state_dict"] = checkpoints.drop_frozen(state, self)
+        checkpoint["prefalign"] = {
+            **checkpoints.run_metadata(self),
+            "frozen_left_out": len(state) - len(checkpoint["state_dict"]),
+        }
+        checkpoint["algorithm_state"] = self.algorithm.state_dict()
+        checkpoint["rng_states"] = checkpoints.gathered_rng_state(self)  # every rank's, for an exact resume
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["state_dict"]
+        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        if self._reference is None and any(k.startswith(checkpoints.REFERENCE) for k in state):
+            # A full fine-tuning reference: needed to resume training, not to sample or evaluate.
+            for key in [k for k in state if k.startswith(checkpoints.REFERENCE)]:
+                del state[key]
+        snapshot = [key for key in state if key.startswith("reference_snapshot.")]
+        if snapshot and not hasattr(self, "reference_snapshot"):
+            self.reference_snapshot = nn.Module()
+        for key in snapshot:  # a lagged reference's snapshot (refresh_reference) has more tensors than the start's
+            name = key.removeprefix("reference_snapshot.")
+            if name not in self.reference_snapshot._buffers:
+                self.reference_snapshot.register_buffer(name, torch.empty_like(state[key], device=self.device))
+        checkpoints.restore_frozen(state, self)
+        if "algorithm_state" in checkpoint:
+            self.algorithm.load_state_dict(checkpoint["algorithm_state"])
+        states = checkpoint.get("rng_states")
+        if fitting and states:
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+            if len(states) != world:
+                log.warning("the checkpoint has random states of %d processes, this run has %d: resumed runs will "
+                            "not repeat the first one's noise", len(states), world)
+            self._resume_rng = states[rank] if rank < len(states) else None
+
     # --- Lightning hooks ------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
@@ -222,6 +274,11 @@ class AlignmentModule(L.LightningModule):
         if stage == "fit":
             self.algorithm.setup(self)
 
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        if self._resume_rng is not None:  # the first step after a resume draws what the first run drew next
+            checkpoints.set_rng_state(self._resume_rng)
+            self._resume_rng = None
+
     def training_step(self, batch: dict, batch_idx: int):
         self._log_skips(batch, "train")
         if batch.get("size", 1) == 0:
@@ -230,6 +287,7 @@ class AlignmentModule(L.LightningModule):
         if self.algorithm.manual_optimization:
             for name, value in self.algorithm.training_step(self, batch).items():
                 self.log(f"train/{name}", value, prog_bar=name in ("loss", "reward"), batch_size=batch_size)
+            self.algorithm.on_step_end(self)
             return None
         loss, logged = self.algorithm.loss(self, batch)
         if not torch.isfinite(loss):
@@ -238,8 +296,17 @@ class AlignmentModule(L.LightningModule):
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
         return loss
 
-    def on_train_batch_end(self, outputs, batch: dict, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here rather than in on_train_batch_end: callbacks (ModelCheckpoint) run first there, and a checkpoint of
+        # this step must hold what the algorithm does after it (a refreshed reference, a cleared cache).
         self.algorithm.on_step_end(self)
+
+    def on_train_epoch_end(self) -> None:
+        self._report_skips("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._report_skips("val")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._log_skips(batch, "val")
@@ -262,6 +329,14 @@ class AlignmentModule(L.LightningModule):
     def _log_skips(self, batch: dict, split: str) -> None:
         if "skipped" in batch:
             self.log(f"{split}/skipped_samples", float(batch["skipped"]), reduce_fx="sum", batch_size=1)
+            self._skips[split].add(batch)
+
+    def _report_skips(self, split: str) -> None:
+        """The epoch's skipped samples by shard and reason (``on_bad_sample: skip``), then a fresh count."""
+        summary, self._skips[split] = self._skips[split], SkipSummary()
+        if summary.total:
+            title = f"{split} epoch {self.current_epoch}" + (f", rank {self.global_rank}" if self.trainer.world_size > 1 else "")
+            log.warning(summary.report(title))
 
     # --- shared building blocks for algorithms, validation and predict --------------------------------------------------
     def denoising_loss(self, batch: dict, seed: int = 0) -> torch.Tensor:

@@ -46,6 +46,14 @@ class Algorithm:
     def on_step_end(self, module: AlignmentModule) -> None:
         """Called after every optimizer step (refresh a reference, a cache of negatives...)."""
 
+    def state_dict(self) -> dict:
+        """What the method keeps between steps (caches, counters, generators, running statistics), for exact
+        resumes; saved in every checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
     def loss(self, module: AlignmentModule, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The scalar training loss for ``batch`` and the metrics to log (names without a prefix)."""
         raise NotImplementedError

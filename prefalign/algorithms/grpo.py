@@ -243,6 +243,14 @@ class GRPO(Algorithm):
             result[valid] = group_advantages(total[valid], group_ids[valid], self.global_std, self.advantage_clip)
         return result.clamp(-self.advantage_clip, self.advantage_clip)
 
+    def state_dict(self) -> dict:
+        """The reward's running statistics (rollout noise is a function of the step, so it needs no state)."""
+        return {"reward": self.reward.state_dict()} if hasattr(self.reward, "state_dict") else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "reward" in state:
+            self.reward.load_state_dict(state["reward"])
+
     # --- the update -------------------------------------------------------------------------------------------------
     def generator(self, module: AlignmentModule) -> torch.Generator:
         """Rollout noise seeded by (seed, step, rank): reproducible, and never shared between ranks or steps."""

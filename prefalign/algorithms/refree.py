@@ -166,6 +166,20 @@ class ReFree(Algorithm):
             self.cache.clear()
             self.refreshes += 1
 
+    def state_dict(self) -> dict:
+        return {
+            "generator": self.generator.get_state(),
+            "cache": [[*key, value] for key, value in self.cache.items()],
+            "refreshes": self.refreshes,
+            "self_play_sampled": self.self_play_sampled,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.cache = {tuple(entry[:-1]): entry[-1] for entry in state["cache"]}
+        self.refreshes = state["refreshes"]
+        self.self_play_sampled = state["self_play_sampled"]
+
     @staticmethod
     def cache_key(batch: dict, i: int) -> tuple:
         """A clip's identity and the conditions it was cut with (a random crop has other audio)."""

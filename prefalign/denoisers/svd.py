@@ -88,6 +88,7 @@ class SVDDenoiser(PortraitDenoiser):
         if (pretrained is None) == (config is None):
             raise ValueError("SVDDenoiser needs exactly one of `pretrained` (a Hub id or folder) or `config`")
         c, dtype = codec.latent_channels, getattr(torch, torch_dtype)
+        self.pretrained = pretrained  # recorded in checkpoints and model cards
         if pretrained is not None:
             self.backbone = UNetSpatioTemporalConditionModel.from_pretrained(
                 pretrained, subfolder=subfolder, torch_dtype=dtype, variant=variant

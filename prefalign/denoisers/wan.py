@@ -81,6 +81,7 @@ class WanDenoiser(PortraitDenoiser):
         if (pretrained is None) == (config is None):
             raise ValueError("WanDenoiser needs exactly one of `pretrained` (a Hub id or folder) or `config`")
         c, r = codec.latent_channels, codec.temporal_ratio
+        self.pretrained = pretrained  # recorded in checkpoints and model cards
         if pretrained is not None:
             self.backbone = WanTransformer3DModel.from_pretrained(
                 pretrained, subfolder=subfolder, torch_dtype=getattr(torch, torch_dtype), variant=variant

@@ -1,0 +1,126 @@
+"""What a prefalign checkpoint holds besides Lightning's own state: only the tensors training changes, every
+process's random state, and what a run was (for ``prefalign push`` and the model card).
+
+LoRA runs leave the frozen base out of their checkpoints (and every run leaves out the frozen codec and audio
+encoder): at load time the model built from the same recipe supplies them. Lightning writes checkpoint files
+atomically (to a temporary file renamed over the target), so a crash mid-save leaves the previous file whole.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+#: Wrapper names that FSDP and activation checkpointing insert into parameter names but not into state dict keys.
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+#: The frozen full-fine-tuning reference (a module attribute); its weights are kept when its twin is trained.
+REFERENCE = "_reference."
+
+
+def clean_name(name: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def frozen_keys(module: nn.Module) -> set[str]:
+    """State dict keys of parameters that training never changes: frozen ones, except the full-fine-tuning
+    reference's copies of trained weights (a refreshed reference must come back as it was)."""
+    params = {clean_name(n): p for n, p in module.named_parameters(remove_duplicate=False)}
+    frozen = set()
+    for name, param in params.items():
+        if param.requires_grad:
+            continue
+        if name.startswith(REFERENCE):
+            twin = params.get("denoiser." + name.removeprefix(REFERENCE))
+            if twin is not None and twin.requires_grad:
+                continue
+        frozen.add(name)
+    return frozen
+
+
+def drop_frozen(state: dict[str, torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` without the frozen parameters of ``module``."""
+    frozen = frozen_keys(module)
+    return {key: value for key, value in state.items() if key not in frozen}
+
+
+def restore_frozen(state: dict[str, torch.Tensor], module: nn.Module) -> int:
+    """Fill the frozen parameters a checkpoint left out from ``module``'s current values; returns how many.
+
+    A missing *trained* tensor stays missing, so that strict loading still reports it."""
+    current = module.state_dict()
+    missing = [key for key in frozen_keys(module) if key not in state and key in current]
+    for key in missing:
+        state[key] = current[key]
+    return len(missing)
+
+
+# --- random states -------------------------------------------------------------------------------------------------
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's torch, CUDA, numpy and Python random states as tensors (so that they can be gathered
+    from every rank, and loaded with ``weights_only``)."""
+    version, words, gauss = random.getstate()
+    _, keys, position, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state().long(),
+        "python": torch.tensor([version, *words], dtype=torch.long),
+        "python_gauss": torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
+        "numpy": torch.tensor([*keys.tolist(), position, has_gauss], dtype=torch.long),
+        "numpy_gauss": torch.tensor([cached], dtype=torch.float64),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state().long()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"].to(torch.uint8).cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].to(torch.uint8).cpu())
+    python = state["python"].tolist()
+    has_gauss, gauss = state["python_gauss"].tolist()
+    random.setstate((python[0], tuple(python[1:]), gauss if has_gauss else None))
+    numpy = state["numpy"].tolist()
+    keys = np.asarray(numpy[:-2], dtype=np.uint32)
+    np.random.set_state(("MT19937", keys, numpy[-2], numpy[-1], float(state["numpy_gauss"][0])))
+
+
+def gathered_rng_state(module) -> list[dict[str, torch.Tensor]]:
+    """Every rank's :func:`rng_state`, in rank order (a collective under DDP: call it on all ranks)."""
+    state = rng_state()
+    if module.trainer.world_size == 1:
+        return [state]
+    gathered = {key: module.all_gather(value.to(module.device)).cpu() for key, value in state.items()}
+    return [{key: value[rank] for key, value in gathered.items()} for rank in range(module.trainer.world_size)]
+
+
+def lora_metadata(module) -> Optional[dict]:
+    """The LoRA settings of a module as peft needs them (``None`` for full fine-tuning)."""
+    settings = module.lora
+    if settings is None:
+        return None
+    return {
+        "rank": settings.rank,
+        "alpha": settings.alpha if settings.alpha is not None else settings.rank,
+        "dropout": settings.dropout,
+        "target_modules": list(settings.target_modules or module.denoiser.default_lora_targets),
+        "train_new_modules": settings.train_new_modules,
+    }
+
+
+def run_metadata(module) -> dict:
+    """What ``checkpoint["prefalign"]`` records: enough to write an adapter and its model card."""
+    return {
+        "format": 1,
+        "algorithm": module.algorithm.name,
+        "denoiser": type(module.denoiser).__name__,
+        "base_model": getattr(module.denoiser, "pretrained", None),
+        "lora": lora_metadata(module),
+        "new_modules": sorted(module.denoiser.new_modules()),
+    }
