@@ -5,12 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import math
-from typing import Literal, Optional
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator, Literal, Optional, Union
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from prefalign.data import media
 from prefalign.data.errors import DataError
@@ -21,19 +25,27 @@ log = logging.getLogger(__name__)
 
 def read_pose(path: str, field: str = "pose") -> np.ndarray:
     """Keypoints per frame ``[T, K, 2]`` (x, y in [0, 1]) from a .npy or .json file."""
+    if not path.endswith((".npy", ".json")):
+        raise DataError("pose must be a .npy or .json file", path=path, field=field)
+    media.check_file(path, field)
     try:
         if path.endswith(".npy"):
             pose = np.load(path, allow_pickle=False)
-        elif path.endswith(".json"):
-            with open(path) as handle:
-                pose = np.asarray(json.load(handle), dtype=np.float32)
         else:
-            raise DataError("pose must be a .npy or .json file", path=path, field=field)
-    except FileNotFoundError:
-        raise DataError("file not found", path=path, field=field) from None
-    except (ValueError, OSError, json.JSONDecodeError) as error:
-        raise DataError(f"cannot read keypoints ({error})", path=path, field=field) from None
-    if pose.ndim != 3 or pose.shape[-1] != 2:
+            with open(path, "rb") as handle:
+                pose = np.asarray(json.load(handle))
+    # Any error: np.load parses a damaged header as a Python literal (SyntaxError, TokenError), reads cut files
+    # (EOFError) and zip archives; whatever it returns is checked below.
+    except Exception as error:
+        raise DataError(f"cannot read keypoints ({type(error).__name__}: {error})", path=path, field=field) from None
+    if not isinstance(pose, np.ndarray):
+        if isinstance(pose, np.lib.npyio.NpzFile):
+            pose.close()
+        raise DataError(f"expected an array, got {type(pose).__name__} (an .npz archive?)", path=path, field=field)
+    # Before the cast, which would parse strings as numbers, drop imaginary parts or fail on objects.
+    if pose.dtype.kind not in "fiu":
+        raise DataError(f"keypoints must be numbers, got {pose.dtype} values", path=path, field=field)
+    if pose.ndim != 3 or pose.shape[1] == 0 or pose.shape[-1] != 2:
         raise DataError(f"expected keypoints of shape [frames, points, 2], got {list(pose.shape)}", path=path, field=field)
     pose = pose.astype(np.float32)
     if not np.isfinite(pose).all():
@@ -41,11 +53,25 @@ def read_pose(path: str, field: str = "pose") -> np.ndarray:
     return pose
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """What a bad sample becomes under ``on_bad_sample: skip``: the collate counts it, training logs it."""
+
+    id: str
+    shard: str
+    """The manifest (or cache shard) the sample came from: skips are summed per shard at the end of an epoch."""
+    path: Optional[str]
+    field: Optional[str]
+    reason: str
+
+
 class ClipDataset(Dataset):
     """Decodes one manifest row into ``id``, ``video [T,3,H,W]``, ``audio [S]``, ``reference [3,H,W]``, ``pose [T,K,2]``.
 
     Rows without a video (conditions for ``predict``) give ``audio``, ``reference`` and ``num_frames`` from
-    the audio's duration. With ``on_bad_sample="skip"`` a bad row gives ``None`` (counted by the collate).
+    the audio's duration. With ``on_bad_sample="skip"`` a bad row gives a :class:`Skipped` record (counted by
+    the collate). An index may be ``(index, epoch)`` (what :class:`EpochSampler` yields): the random crop is
+    then drawn from ``(seed, epoch, row)``, the same in every worker and after a resume.
     """
 
     def __init__(
@@ -59,6 +85,7 @@ class ClipDataset(Dataset):
         on_bad_sample: str,
         resample_audio: bool,
         cache: bool = False,
+        seed: int = 0,
     ):
         self.manifest = manifest
         self.indices = indices
@@ -68,23 +95,26 @@ class ClipDataset(Dataset):
         self.random_crop = random_crop
         self.on_bad_sample = on_bad_sample
         self.resample_audio = resample_audio
+        self.seed = seed
         # Decoded clips by row, when small enough to keep (each worker process keeps its own).
         self.cache: Optional[dict[int, dict]] = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, index: int) -> Optional[dict]:
-        row = self.manifest.rows[self.indices[index]]
+    def __getitem__(self, key: Union[int, tuple[int, int]]) -> Union[dict, Skipped]:
+        index, epoch = key if isinstance(key, tuple) else (key, None)
+        row_index = self.indices[index]
+        row = self.manifest.rows[row_index]
         try:
-            return self.load(row, self.indices[index])
+            return self.load(row, row_index, epoch)
         except DataError as error:
             if self.on_bad_sample == "raise":
                 raise
             log.warning("skipping a bad sample: %s", error)
-            return None
+            return Skipped(str(row.get("id", row_index)), self.manifest.source, error.path, error.field, error.message)
 
-    def load(self, row: dict, row_index: int) -> dict:
+    def load(self, row: dict, row_index: int, epoch: Optional[int] = None) -> dict:
         if row.get("video") is None:
             return self._load_conditions(row, {"id": str(row.get("id", row_index))}, self.sample_rate / self.fps)
         clip = self.cache.get(row_index) if self.cache is not None else None
@@ -92,7 +122,7 @@ class ClipDataset(Dataset):
             clip = self.decode(row, row_index)
             if self.cache is not None:
                 self.cache[row_index] = clip
-        return self.crop(clip)
+        return self.crop(clip, None if epoch is None else np.random.default_rng([self.seed, epoch, row_index]))
 
     def decode(self, row: dict, row_index: int) -> dict:
         """The whole clip of a row, checked: uint8 frames, audio covering them, reference, pose."""
@@ -146,11 +176,14 @@ class ClipDataset(Dataset):
             )
         return frames
 
-    def crop(self, clip: dict) -> dict:
-        """``num_frames`` consecutive frames (random start when training) and the audio and pose that go with them."""
+    def crop(self, clip: dict, rng: Optional[np.random.Generator] = None) -> dict:
+        """``num_frames`` consecutive frames (random start when training: from ``rng`` if given, else torch's
+        global generator) and the audio and pose that go with them."""
         total = clip["frames"].shape[0]
         length = self.num_frames or total
-        start = int(torch.randint(0, total - length + 1, ()).item()) if self.random_crop else 0
+        start = 0
+        if self.random_crop:
+            start = int(rng.integers(0, total - length + 1)) if rng is not None else int(torch.randint(0, total - length + 1, ()))
         samples_per_frame = self.sample_rate / self.fps
         begin, end = round(start * samples_per_frame), round((start + length) * samples_per_frame)
         item = {
@@ -194,10 +227,14 @@ class ClipDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255
 
 
-def collate_clips(items: list[Optional[dict]]) -> dict:
-    """Stack clips into a batch; skipped (``None``) items are dropped and counted in ``batch["skipped"]``."""
-    kept = [item for item in items if item is not None]
+def collate_clips(items: list[Union[dict, Skipped, None]]) -> dict:
+    """Stack clips into a batch; skipped items (:class:`Skipped` records, or ``None``) are dropped, counted in
+    ``batch["skipped"]`` and listed in ``batch["skipped_samples"]``."""
+    kept = [item for item in items if isinstance(item, dict)]
+    skipped = [item for item in items if isinstance(item, Skipped)]
     batch: dict = {"skipped": len(items) - len(kept), "size": len(kept), "id": [item["id"] for item in kept]}
+    if skipped:
+        batch["skipped_samples"] = skipped
     if not kept:
         return batch
     for key in kept[0]:
@@ -219,6 +256,65 @@ def collate_clips(items: list[Optional[dict]]) -> dict:
     return batch
 
 
+class SkipSummary:
+    """Skipped samples of an epoch, by shard (manifest or cache shard) and reason: what ``on_bad_sample: skip``
+    dropped, reported at the end of each epoch."""
+
+    def __init__(self):
+        self.by_shard: Counter = Counter()
+        self.reasons: dict[str, Counter] = {}
+        self.unknown = 0
+
+    def add(self, batch: dict) -> None:
+        records = batch.get("skipped_samples", [])
+        for record in records:
+            self.by_shard[record.shard] += 1
+            reason = f"{record.field or 'row'}: {record.reason}"
+            self.reasons.setdefault(record.shard, Counter())[reason] += 1
+        self.unknown += int(batch.get("skipped", 0)) - len(records)
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_shard.values()) + self.unknown
+
+    def report(self, title: str) -> str:
+        """One line per shard with its count and most common reasons."""
+        lines = [f"{title}: {self.total} samples skipped"]
+        for shard, count in self.by_shard.most_common():
+            common = "; ".join(f"{n}x {reason}" for reason, n in self.reasons[shard].most_common(3))
+            lines.append(f"  {shard}: {count} ({common})")
+        return "\n".join(lines)
+
+
+class EpochSampler(DistributedSampler):
+    """The training order: a permutation per epoch drawn from ``(seed, epoch)``, split across ranks, that can
+    start in the middle of an epoch (an exact resume).
+
+    It yields ``(index, epoch)`` so that the dataset draws each clip's random crop from ``(seed, epoch, row)``
+    too. Being a ``DistributedSampler``, Lightning sets its epoch and does not replace it under DDP/FSDP; the
+    world size and rank come from ``torch.distributed`` when it is initialised, else it is a single process.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, shuffle: bool = True):
+        initialised = dist.is_available() and dist.is_initialized()
+        super().__init__(
+            dataset,
+            num_replicas=dist.get_world_size() if initialised else 1,
+            rank=dist.get_rank() if initialised else 0,
+            shuffle=shuffle,
+            seed=seed,
+        )
+        self.batch_size = batch_size
+        self.resume_at: Optional[tuple[int, int]] = None
+        """``(epoch, batches)``: in that epoch, skip the batches a resumed run already trained on."""
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = list(super().__iter__())
+        if self.resume_at is not None and self.resume_at[0] == self.epoch:
+            order = order[self.resume_at[1] * self.batch_size :]
+        return iter([(index, self.epoch) for index in order])
+
+
 class PortraitDataModule(L.LightningDataModule):
     """Clips for training, validation, testing and prediction, from manifests in the clip schema.
 
@@ -237,8 +333,10 @@ class PortraitDataModule(L.LightningDataModule):
         num_frames (int | None): frames per training clip, cropped at a random start (validation: the
             first frames); ``None`` uses whole clips, which must then all have the same length.
         on_bad_sample (str): ``raise`` stops at the first bad clip with an error naming the file and field;
-            ``skip`` drops it, logs why, and counts it (``train/skipped_samples``).
-        seed (int): seed of the train/val split.
+            ``skip`` drops it, logs why, and counts it (``train/skipped_samples``, and a summary by shard at the
+            end of each epoch).
+        seed (int): seed of the train/val split, the training order and the random crops (each a function of
+            the seed, the epoch and the clip, so that a resumed run sees exactly the data the first one would).
         cache_decoded (bool): keep decoded clips in memory after their first use (small datasets such as the
             demo's; at scale, decode in worker processes instead).
     """
@@ -278,6 +376,7 @@ class PortraitDataModule(L.LightningDataModule):
         self.cache_decoded = cache_decoded
         self._manifests: dict[str, Manifest] = {}
         self._splits: dict[str, tuple[Manifest, list[int]]] = {}
+        self._resume_at: Optional[tuple[int, int]] = None
 
     def _manifest(self, source: str) -> Manifest:
         if source not in self._manifests:
@@ -321,18 +420,41 @@ class PortraitDataModule(L.LightningDataModule):
             on_bad_sample=self.on_bad_sample,
             resample_audio=self.resample_audio,
             cache=self.cache_decoded,
+            seed=self.seed,
         )
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        dataset = self.dataset(name)
+        batch_size = self.batch_size if name == "train" else self.eval_batch_size
+        sampler = None
+        if shuffle:
+            sampler = EpochSampler(dataset, batch_size, seed=self.seed)
+            sampler.resume_at = self._resume_at
         return DataLoader(
-            self.dataset(name),
-            batch_size=self.batch_size if name == "train" else self.eval_batch_size,
-            shuffle=shuffle,
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
             drop_last=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=collate_clips,
+            # Its own generator: creating an iterator then draws nothing from the global one (exact resumes).
+            generator=torch.Generator().manual_seed(self.seed),
         )
+
+    # --- the data position, for exact resumes ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Where training is in its data: the epoch and the batches of it already trained on (saved in
+        checkpoints; a resumed run starts at the next batch of the same order)."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return {}
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": trainer.current_epoch, "batches": progress.processed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._resume_at = (int(state["epoch"]), int(state["batches"]))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
