@@ -100,6 +100,17 @@ def gathered_rng_state(module) -> list[dict[str, torch.Tensor]]:
     return [{key: value[rank] for key, value in gathered.items()} for rank in range(module.trainer.world_size)]
 
 
+def gathered_objects(module, value) -> list:
+    """Every rank's ``value`` (any picklable object), in rank order; a collective under DDP."""
+    if module.trainer.world_size == 1:
+        return [value]
+    import torch.distributed as dist
+
+    gathered = [None] * module.trainer.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def lora_metadata(module) -> Optional[dict]:
     """The LoRA settings of a module as peft needs them (``None`` for full fine-tuning)."""
     settings = module.lora

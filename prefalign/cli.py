@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from jsonargparse import CLI, set_docstring_parse_options
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from prefalign.data.cache import preprocess_command
 from prefalign.data.datamodule import PortraitDataModule
 from prefalign.data.synthetic import synth
+from prefalign.hub import push_command
 from prefalign.module import AlignmentModule, export_denoiser_weights
 from prefalign.pairs import import_labels, sample_pairs
 
@@ -32,11 +38,47 @@ COMMANDS: dict[str, Callable] = {
     "export": export,
     "pairs": sample_pairs,
     "labels": import_labels,
+    "push": push_command,
+    "preprocess": preprocess_command,
 }
 
 USAGE = """usage: prefalign {fit,validate,test,predict} --config FILE [...]   (LightningCLI; --help on each)
        prefalign {%s} [...]                                            (--help on each)
 """ % ",".join(COMMANDS)
+
+
+class PrefalignCLI(LightningCLI):
+    """LightningCLI with a lab's defaults where a recipe sets none:
+
+    - loggers: CSV and TensorBoard under ``trainer.default_root_dir`` (``csv/``, ``tensorboard/``), and Weights &
+      Biases when ``wandb`` is installed and configured (``WANDB_API_KEY`` or ``WANDB_MODE`` set);
+    - callbacks: a rich progress bar (loss and reward), the last checkpoint kept (``save_last``), and the training
+      curves plotted at the end (``prefalign.plots.TrainingCurves``).
+
+    A recipe's own ``trainer.logger`` (``false`` for none) or callbacks take precedence over each default.
+    """
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]):
+        from prefalign.plots import TrainingCurves
+
+        root = config.get("default_root_dir") or "runs/default"
+        config["default_root_dir"] = root
+        if config.get("logger") in (None, True):
+            loggers = [CSVLogger(root, name="csv"), TensorBoardLogger(root, name="tensorboard")]
+            if importlib.util.find_spec("wandb") and ("WANDB_API_KEY" in os.environ or "WANDB_MODE" in os.environ):
+                from lightning.pytorch.loggers import WandbLogger
+
+                loggers.append(WandbLogger(save_dir=root))
+            config["logger"] = loggers
+        given = list(config.get("callbacks") or []) + list(callbacks)
+        extra = []
+        if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
+            extra.append(RichProgressBar())
+        if config.get("enable_checkpointing", True) is not False and not any(isinstance(c, ModelCheckpoint) for c in given):
+            extra.append(ModelCheckpoint(save_last=True, save_top_k=0))
+        if config.get("logger") is not False and not any(isinstance(c, TrainingCurves) for c in given):
+            extra.append(TrainingCurves())
+        return super()._instantiate_trainer(config, callbacks + extra)
 
 
 def main(args: Optional[list[str]] = None) -> None:
@@ -50,7 +92,7 @@ def main(args: Optional[list[str]] = None) -> None:
         print(USAGE)
         if not argv:
             raise SystemExit(2)
-    LightningCLI(
+    PrefalignCLI(
         AlignmentModule,
         PortraitDataModule,
         args=args,

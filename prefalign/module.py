@@ -6,6 +6,7 @@ import copy
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import lightning as L
@@ -15,14 +16,14 @@ from lightning.pytorch.trainer.states import TrainerFn
 from safetensors.torch import load_file
 from torch import nn
 
-from prefalign import checkpoints, metrics
+from prefalign import checkpoints, evaluation
 from prefalign.algorithms.base import Algorithm, per_sample_mse
 from prefalign.algorithms.sft import SFT
+from prefalign.data import media
 from prefalign.data.datamodule import SkipSummary
 from prefalign.data.errors import DataError
 from prefalign.denoisers.base import PortraitDenoiser, join_chunks
 from prefalign.processes.base import Process
-from prefalign.rewards.regularizers import TextureReward
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,8 @@ class AlignmentModule(L.LightningModule):
         sampling (SamplingSettings): sampling for validation metrics and ``predict``.
         val_sample_batches (int): validation batches whose videos are sampled and scored (sampling is the
             costly part of validation; the loss is computed on every batch).
+        evaluation_dir (str | None): where ``prefalign test`` writes its table (``metrics.csv``,
+            ``summary.csv``, ``metrics.json``), ``samples.png`` and ``videos/``; default ``test/`` in the log folder.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class AlignmentModule(L.LightningModule):
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         sampling: SamplingSettings = SamplingSettings(),
         val_sample_batches: int = 1,
+        evaluation_dir: Optional[str] = None,
     ):
         super().__init__()
         self.denoiser = denoiser
@@ -101,6 +105,7 @@ class AlignmentModule(L.LightningModule):
         self.scheduler_factory = lr_scheduler
         self.sampling = sampling
         self.val_sample_batches = val_sample_batches
+        self.evaluation_dir = evaluation_dir
         if init_weights is not None:
             load_denoiser_weights(denoiser, init_weights)
         if lora is not None:
@@ -108,7 +113,7 @@ class AlignmentModule(L.LightningModule):
         self._reference: Optional[PortraitDenoiser] = None
         self.automatic_optimization = not self.algorithm.manual_optimization
         self._resume_rng: Optional[dict] = None  # this rank's random state from a checkpoint, set at the next step
-        self._skips = {"train": SkipSummary(), "val": SkipSummary()}
+        self._skips = {"train": SkipSummary(), "val": SkipSummary(), "test": SkipSummary()}
 
     # --- parameters -------------------------------------------------------------------------------------------------
     def _add_lora(self, settings: LoraSettings) -> None:
@@ -227,8 +232,9 @@ class AlignmentModule(L.LightningModule):
             **checkpoints.run_metadata(self),
             "frozen_left_out": len(state) - len(checkpoint["state_dict"]),
         }
-        checkpoint["algorithm_state"] = self.algorithm.state_dict()
-        checkpoint["rng_states"] = checkpoints.gathered_rng_state(self)  # every rank's, for an exact resume
+        # Every rank's, for an exact resume: ranks draw their own noise and cache their own clips' negatives.
+        checkpoint["algorithm_states"] = checkpoints.gathered_objects(self, self.algorithm.state_dict())
+        checkpoint["rng_states"] = checkpoints.gathered_rng_state(self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
@@ -245,20 +251,25 @@ class AlignmentModule(L.LightningModule):
             if name not in self.reference_snapshot._buffers:
                 self.reference_snapshot.register_buffer(name, torch.empty_like(state[key], device=self.device))
         checkpoints.restore_frozen(state, self)
-        if "algorithm_state" in checkpoint:
-            self.algorithm.load_state_dict(checkpoint["algorithm_state"])
-        states = checkpoint.get("rng_states")
-        if fitting and states:
-            rank, world = self.trainer.global_rank, self.trainer.world_size
-            if len(states) != world:
-                log.warning("the checkpoint has random states of %d processes, this run has %d: resumed runs will "
-                            "not repeat the first one's noise", len(states), world)
+        if not fitting:
+            return
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        states, algorithm_states = checkpoint.get("rng_states"), checkpoint.get("algorithm_states")
+        if states and len(states) != world:
+            log.warning("the checkpoint was written by %d processes, this run has %d: the resumed run will not "
+                        "repeat the first one's noise, and ranks start from rank 0's algorithm state", len(states), world)
+        if algorithm_states:
+            self.algorithm.load_state_dict(algorithm_states[rank if rank < len(algorithm_states) else 0])
+        if states:
             self._resume_rng = states[rank] if rank < len(states) else None
 
     # --- Lightning hooks ------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if stage == "fit" and datamodule is not None and hasattr(datamodule, "available_fields"):
+            cache = datamodule.cache("train")
+            if cache is not None:
+                cache.check(self.denoiser, datamodule.fps, datamodule.sample_rate, datamodule.num_frames)
             available, source = datamodule.available_fields("train"), datamodule.source("train")
             self.algorithm.check_fields(available, source)
             for field in self.denoiser.required_fields:
@@ -318,8 +329,55 @@ class AlignmentModule(L.LightningModule):
             return
         video = self.generate(batch, num_frames=batch["video"].shape[1])
         scores = self.score_videos(video, batch)
-        for name, value in scores.items():
-            self.log(f"val/{name}", value.mean(), prog_bar=name == "sync", batch_size=batch_size)
+        for name, value in scores.items():  # nanmean: a judge's dropped clips are NaN
+            self.log(f"val/{name}", value.float().nanmean(), prog_bar=name == "sync", batch_size=batch_size)
+        if batch_idx == 0 and self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            grid = evaluation.sample_grid(video[:4].cpu(), references=batch["reference"][:4].cpu(),
+                                          targets=batch["video"][:4].cpu(), labels=batch["id"][:4])
+            log_image(self.trainer.loggers, "val/samples", grid, self.global_step)
+
+    # --- evaluation: prefalign test ---------------------------------------------------------------------------------
+    def on_test_epoch_start(self) -> None:
+        self._test_table = evaluation.EvaluationTable()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        """Sample every test clip, score it (``score_videos``), keep its row for the table, write its video."""
+        self._log_skips(batch, "test")
+        if batch.get("size", 1) == 0:
+            return
+        num_frames = batch["video"].shape[1] if "video" in batch else int(batch["num_frames"][0])
+        video = self.generate(batch, num_frames=num_frames)
+        self._test_table.add(batch["id"], self.score_videos(video, batch))
+        out = self.evaluation_folder()
+        frames = (video.permute(0, 1, 3, 4, 2).float().cpu() * 255).round().byte().numpy()
+        (out / "videos").mkdir(parents=True, exist_ok=True)
+        for index, clip_id in enumerate(batch["id"]):
+            audio = batch["audio"][index].float().cpu().numpy()
+            media.write_video(out / "videos" / f"{clip_id}.mp4", frames[index], self.denoiser.fps, audio=audio,
+                              sample_rate=self.sample_rate)
+        if batch_idx == 0 and self.trainer.is_global_zero:
+            evaluation.sample_grid(video[:8].cpu(), out / "samples.png", references=batch["reference"][:8].cpu(),
+                                   targets=batch["video"][:8].cpu() if "video" in batch else None,
+                                   labels=batch["id"][:8])
+
+    def on_test_epoch_end(self) -> None:
+        table = self._test_table.gather()  # a collective: every rank's clips
+        for name, stats in table.summary().items():
+            self.log(f"test/{name}", stats["mean"], rank_zero_only=True)
+        if self.trainer.is_global_zero:
+            out = self.evaluation_folder()
+            table.write(out)
+            rows = [(name, stats["mean"], stats["std"], stats["count"]) for name, stats in table.summary().items()]
+            print(f"evaluation of {len(table.rows())} clips written to {out}")
+            for name, mean, std, count in rows:
+                print(f"  {name:<20} {mean!r:>24} ± {std!r} (n={count})")
+        self._report_skips("test")
+
+    def evaluation_folder(self) -> Path:
+        """Where ``prefalign test`` writes: ``evaluation_dir``, else ``test/`` in the run's log folder."""
+        if self.evaluation_dir is not None:
+            return Path(self.evaluation_dir)
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "test"
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         num_frames = batch["video"].shape[1] if "video" in batch else int(batch["num_frames"][0])
@@ -342,7 +400,7 @@ class AlignmentModule(L.LightningModule):
     def denoising_loss(self, batch: dict, seed: int = 0) -> torch.Tensor:
         """The plain denoising loss with seeded noise and timesteps: comparable across epochs and algorithms."""
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        x0 = self.denoiser.encode_video(batch["video"])
+        x0 = self.denoiser.latents(batch)
         cond = self.denoiser.condition(batch)
         eps = torch.randn(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
         t = self.process.sample_t(x0.shape[0], device=self.device, generator=generator)
@@ -420,22 +478,25 @@ class AlignmentModule(L.LightningModule):
             x = torch.cat([known.to(x.dtype), x[:, :, m:]], dim=2)
         return self.denoiser.decode(x)
 
+    @property
+    def sample_rate(self) -> int:
+        return self.denoiser.audio_encoder.sample_rate if self.denoiser.audio_encoder is not None else 16000
+
     def score_videos(self, video: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
-        """TalkingShapes metrics of sampled videos against the batch's audio, reference and ground truth, and the
-        texture term (high-frequency energy against the reference's: 0 is the reference's, below is blur or grain)."""
-        sample_rate = self.denoiser.audio_encoder.sample_rate if self.denoiser.audio_encoder is not None else 16000
-        scores = {
-            "sync": metrics.sync_score(video, batch["audio"], sample_rate, self.denoiser.fps),
-            "identity": metrics.identity_drift(video, batch["reference"]),
-            "texture": TextureReward().score(video, batch)["texture"],
-        }
-        if batch.get("pose") is not None:
-            scores["sync_pose_box"] = metrics.sync_score(video, batch["audio"], sample_rate, self.denoiser.fps, batch["pose"])
-        if "video" in batch:
-            scores["jitter"] = metrics.jitter(video, batch["video"])
-            scores["head_offset"] = metrics.head_offset(video, batch["video"])
-            scores["sync_ground_truth"] = metrics.sync_score(batch["video"], batch["audio"], sample_rate, self.denoiser.fps)
-        return scores
+        """Per-clip metrics of sampled videos (``evaluation.clip_scores``): TalkingShapes sync, identity, texture,
+        jitter and head offset, SSIM and PSNR against the ground truth, and every term of the algorithm's reward."""
+        reward = getattr(self.algorithm, "reward", None)
+        return evaluation.clip_scores(video, batch, self.denoiser.fps, self.sample_rate, [reward] if reward else None)
+
+
+def log_image(loggers: list, tag: str, image, step: int) -> None:
+    """An ``[H, W, 3]`` uint8 picture to every logger that takes pictures (TensorBoard, Weights & Biases)."""
+    for logger in loggers:
+        experiment = logger.experiment
+        if hasattr(experiment, "add_image"):  # TensorBoard's SummaryWriter
+            experiment.add_image(tag, image, step, dataformats="HWC")
+        elif hasattr(logger, "log_image"):  # WandbLogger
+            logger.log_image(key=tag, images=[image], step=step)
 
 
 def load_denoiser_weights(denoiser: PortraitDenoiser, path: str) -> None:

@@ -78,6 +78,22 @@ def test_fit_then_predict_end_to_end(talkingshapes, tmp_path, monkeypatch):
             duration = float(audio.duration * audio.time_base)
         assert abs(duration - 17 / 25) < 0.05  # AAC frames are 1024 samples: within one of them
 
+    # prefalign test: the metrics table, the sample grid and the videos of the held-out clips.
+    main(["test", "--config", str(DEMO), "--ckpt_path", str(checkpoint), "--data.test", str(talkingshapes),
+          "--model.sampling.num_steps", "2", "--model.evaluation_dir", str(tmp_path / "evaluation")])
+    table = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    assert len(table["clips"]) == 12 and len({clip["id"] for clip in table["clips"]}) == 12
+    for name in ("sync", "jitter", "identity", "texture", "ssim", "psnr", "sync_ground_truth"):
+        values = [clip[name] for clip in table["clips"]]
+        assert table["metrics"][name]["count"] == 12
+        assert abs(table["metrics"][name]["mean"] - np.mean(values)) < 1e-9
+    assert 0 < table["metrics"]["ssim"]["mean"] < 1
+    csv_rows = (tmp_path / "evaluation" / "metrics.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("id,") and len(csv_rows) == 13
+    assert (tmp_path / "evaluation" / "samples.png").stat().st_size > 0
+    assert len(list((tmp_path / "evaluation" / "videos").glob("*.mp4"))) == 12
+    assert (tmp_path / "runs/demo-sft/csv/version_0/curves.png").exists()  # TrainingCurves, added by the CLI
+
     # Speech 3× longer than the training window: predict makes it in chunks, one video for the whole audio.
     from prefalign.data import media
 
@@ -89,6 +105,18 @@ def test_fit_then_predict_end_to_end(talkingshapes, tmp_path, monkeypatch):
           "--data.num_frames", "null", "--model.sampling.num_steps", "2", "--model.sampling.chunk_frames", "17"])
     with av.open(str(tmp_path / "outputs/demo-sft/long.mp4")) as container:
         assert len(list(container.decode(video=0))) == 51
+
+
+def test_default_loggers_checkpoint_and_curves(talkingshapes, tmp_path):
+    """A recipe that names no logger and no callbacks gets CSV + TensorBoard, the last checkpoint and the curves."""
+    root = tmp_path / "run"
+    main(["fit", "--config", str(DEMO), "--trainer.logger", "null", "--trainer.callbacks", "null",
+          "--trainer.default_root_dir", str(root), "--data.train", str(talkingshapes), "--data.val", str(talkingshapes),
+          "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1"])
+    assert "train/loss" in (root / "csv/version_0/metrics.csv").read_text()
+    assert list((root / "tensorboard/version_0").glob("events.out.tfevents.*"))
+    assert (root / "csv/version_0/checkpoints/last.ckpt").exists()
+    assert (root / "csv/version_0/curves.png").exists()
 
 
 def test_export_writes_init_weights(talkingshapes, tmp_path, monkeypatch):

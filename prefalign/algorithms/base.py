@@ -12,6 +12,10 @@ if TYPE_CHECKING:
     from prefalign.module import AlignmentModule
 
 
+#: Pixel fields and the cached latents (``prefalign preprocess``) that can stand for them.
+CACHED = {"video": "latents", "rejected": "rejected_latents"}
+
+
 class Algorithm:
     """One alignment method. Plain class: configured from YAML as ``model.algorithm: {class_path, init_args}``.
 
@@ -24,6 +28,9 @@ class Algorithm:
     #: An algorithm that takes several optimizer steps per batch (GRPO's inner epochs over its rollouts) sets this
     #: and implements :meth:`training_step`; the module then hands it the optimizer (Lightning's manual optimization).
     manual_optimization: bool = False
+    #: Whether the method needs the clips' pixels (ReFree perturbs frames) rather than their latents: cached
+    #: latents (``data.latent_cache``) then cannot feed it.
+    needs_pixels: bool = False
 
     @property
     def name(self) -> str:
@@ -31,6 +38,8 @@ class Algorithm:
 
     def check_fields(self, available: set[str], source: str) -> None:
         """Fail at setup, not mid-epoch, when the data cannot feed this algorithm."""
+        if not self.needs_pixels:  # cached latents stand for the clips they were encoded from
+            available = available | {pixels for pixels, latents in CACHED.items() if latents in available}
         for field in self.required_fields:
             if field not in available:
                 raise DataError(

@@ -113,8 +113,8 @@ class DiffusionDPO(Algorithm):
 
     def loss(self, module, batch):
         denoiser, process = module.denoiser, module.process
-        chosen = denoiser.encode_video(batch["video"])
-        rejected = denoiser.encode_video(batch["rejected"])
+        chosen = denoiser.latents(batch)
+        rejected = denoiser.latents(batch, "rejected")
         size = chosen.shape[0]
         weight = self.pair_weights(batch, size, chosen.device)
         swap = (weight < 0).view(-1, *([1] * (chosen.dim() - 1)))

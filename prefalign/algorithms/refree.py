@@ -115,6 +115,7 @@ class ReFree(Algorithm):
     """
 
     needs_reference = True
+    needs_pixels = True  # the perturbations act on frames
 
     def __init__(
         self,

@@ -40,7 +40,7 @@ class SFT(Algorithm):
 
     def loss(self, module, batch):
         denoiser, process = module.denoiser, module.process
-        x0 = denoiser.encode_video(batch["video"])
+        x0 = denoiser.latents(batch)
         cond = denoiser.condition(batch)
         if self.cond_dropout > 0:
             keep = torch.rand(x0.shape[0], device=x0.device) >= self.cond_dropout
@@ -58,6 +58,6 @@ def mouth_weights(module, batch: dict, mouth_weight: float) -> torch.Tensor | No
     mouth ± (0.6·d, 0.8·d) located from the ``pose`` keypoints (d the eye distance), 1 elsewhere; None for 0."""
     if not mouth_weight:
         return None
-    video = batch["video"]
-    box = metrics.mouth_box(batch["pose"], video.shape[-2], video.shape[-1], half_width=0.6, half_height=0.8)
+    height, width = batch["reference"].shape[-2:]
+    box = metrics.mouth_box(batch["pose"], height, width, half_width=0.6, half_height=0.8)
     return 1 + mouth_weight * module.denoiser.codec.pool_mask(box)

@@ -339,6 +339,9 @@ class PortraitDataModule(L.LightningDataModule):
             the seed, the epoch and the clip, so that a resumed run sees exactly the data the first one would).
         cache_decoded (bool): keep decoded clips in memory after their first use (small datasets such as the
             demo's; at scale, decode in worker processes instead).
+        latent_cache (str | None): a folder written by ``prefalign preprocess``: training then reads its codec
+            latents, audio and features and never decodes video (validation still decodes ``val``). It must have
+            been made with this run's codec, audio encoder, fps, sample rate and ``num_frames`` (checked at setup).
     """
 
     def __init__(
@@ -358,6 +361,7 @@ class PortraitDataModule(L.LightningDataModule):
         on_bad_sample: Literal["raise", "skip"] = "raise",
         seed: int = 0,
         cache_decoded: bool = False,
+        latent_cache: Optional[str] = None,
     ):
         super().__init__()
         if not 0.0 <= val_fraction < 1.0:
@@ -374,6 +378,8 @@ class PortraitDataModule(L.LightningDataModule):
         self.on_bad_sample = on_bad_sample
         self.seed = seed
         self.cache_decoded = cache_decoded
+        self.latent_cache = latent_cache
+        self._latent_cache = None
         self._manifests: dict[str, Manifest] = {}
         self._splits: dict[str, tuple[Manifest, list[int]]] = {}
         self._resume_at: Optional[tuple[int, int]] = None
@@ -402,13 +408,30 @@ class PortraitDataModule(L.LightningDataModule):
         self._splits[name] = (manifest, indices)
         return self._splits[name]
 
+    def cache(self, name: str):
+        """The latent cache that feeds split ``name`` (``train`` when ``latent_cache`` is set), else None."""
+        if name != "train" or self.latent_cache is None:
+            return None
+        if self._latent_cache is None:
+            from prefalign.data.cache import LatentCache
+
+            self._latent_cache = LatentCache(self.latent_cache)
+        return self._latent_cache
+
     def source(self, name: str) -> str:
-        return self.split(name)[0].source
+        cache = self.cache(name)
+        return str(cache.path) if cache is not None else self.split(name)[0].source
 
     def available_fields(self, name: str) -> set[str]:
-        return self.split(name)[0].fields()
+        cache = self.cache(name)
+        return set(cache.fields) if cache is not None else self.split(name)[0].fields()
 
-    def dataset(self, name: str) -> ClipDataset:
+    def dataset(self, name: str) -> Dataset:
+        cache = self.cache(name)
+        if cache is not None:
+            from prefalign.data.cache import CachedClipDataset
+
+            return CachedClipDataset(cache, None, on_bad_sample=self.on_bad_sample)
         manifest, indices = self.split(name)
         return ClipDataset(
             manifest,

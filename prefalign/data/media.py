@@ -6,6 +6,7 @@ Readers turn any bad file into a ``DataError`` naming the file and the manifest 
 from __future__ import annotations
 
 import os
+import stat
 import wave
 from fractions import Fraction
 from pathlib import Path
@@ -16,6 +17,7 @@ import soxr
 from PIL import Image
 
 from prefalign.data.errors import DataError
+from prefalign.files import temp_path
 
 SILENCE_PEAK = 1e-4
 """A track whose peak amplitude is below this is treated as silent (no speech to align to)."""
@@ -27,19 +29,36 @@ VIDEO_CRF = 10
 """x264 constant rate factor: low enough that decoded frames are within a few grey levels of the originals."""
 
 
-def _check_exists(path: Path, field: str) -> None:
-    if not path.exists():
-        raise DataError("file not found", path=path, field=field)
-    if not path.is_file():
+def check_file(path: str | Path, field: str) -> None:
+    """Raise a ``DataError`` unless ``path`` is a regular file that can be looked up (a directory, a fifo, a name
+    too long or a symlink loop named in a manifest are all errors; a fifo would block a reader forever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataError("file not found", path=path, field=field) from None
+    except (OSError, ValueError) as error:  # ValueError: a NUL byte in the name
+        raise DataError(f"cannot access the file ({error})", path=path, field=field) from None
+    if not stat.S_ISREG(mode):
         raise DataError("not a regular file", path=path, field=field)
 
 
-def _open_input(path: Path, field: str) -> av.container.InputContainer:
-    _check_exists(path, field)
+def _open_input(path: str | Path, field: str) -> av.container.InputContainer:
+    check_file(path, field)
     try:
-        return av.open(str(path), mode="r")
+        # Tags in another encoding than UTF-8 (old encoders write Latin-1) must not make the file unreadable.
+        return av.open(os.fspath(path), mode="r", metadata_errors="replace")
     except av.FFmpegError as error:
         raise DataError(f"cannot open as media: {error}", path=path, field=field) from error
+
+
+def _first_stream(container: av.container.InputContainer, kind: str, path: str | Path, field: str) -> av.stream.Stream:
+    streams = container.streams.video if kind == "video" else container.streams.audio
+    if not streams:
+        raise DataError(f"has no {kind} stream", path=path, field=field)
+    # A damaged codec id leaves the stream without a decoder; PyAV then raises AttributeError on its rate or size.
+    if streams[0].codec_context is None:
+        raise DataError(f"no decoder for its {kind} stream (unknown or damaged codec)", path=path, field=field)
+    return streams[0]
 
 
 def read_video(path: str | Path, field: str = "video") -> tuple[np.ndarray, float]:
@@ -55,11 +74,9 @@ def read_video(path: str | Path, field: str = "video") -> tuple[np.ndarray, floa
     Raises:
         DataError: missing, corrupt or truncated file, no video stream, or no frames.
     """
-    path = Path(path)
+    # Errors name the path as given (Path() would also turn a URL's "//" into "/").
     with _open_input(path, field) as container:
-        if not container.streams.video:
-            raise DataError("has no video stream", path=path, field=field)
-        stream = container.streams.video[0]
+        stream = _first_stream(container, "video", path, field)
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         if not rate or rate <= 0:
             raise DataError("video stream has no frame rate", path=path, field=field)
@@ -76,6 +93,8 @@ def read_video(path: str | Path, field: str = "video") -> tuple[np.ndarray, floa
     # of slack: an edit list may legitimately hide a frame or two that the index still counts.
     if expected and len(frames) < expected - 2:
         raise DataError(f"video is truncated: decoded {len(frames)} of {expected} frames", path=path, field=field)
+    if len({frame.shape for frame in frames}) > 1:
+        raise DataError("the frame size changes within the video", path=path, field=field)
     return np.stack(frames), float(rate)
 
 
@@ -100,11 +119,8 @@ def read_audio(
         DataError: missing or corrupt file, no audio stream, a rate below 8 kHz, a rate mismatch with
             ``resample=False``, or a silent track.
     """
-    path = Path(path)
     with _open_input(path, field) as container:
-        if not container.streams.audio:
-            raise DataError("has no audio stream", path=path, field=field)
-        stream = container.streams.audio[0]
+        stream = _first_stream(container, "audio", path, field)
         file_rate = stream.rate
         if not file_rate or file_rate < MIN_SAMPLE_RATE:
             raise DataError(
@@ -121,30 +137,38 @@ def read_audio(
         expected = None
         if stream.duration is not None and stream.time_base is not None:
             expected = float(stream.duration * stream.time_base) * file_rate
-        # Only converts the sample format (int16, planar float, ...) to planar float; rate and layout are kept.
-        converter = av.AudioResampler(format="fltp")
+        # Only converts the sample format (int16, planar float, ...) to packed float; rate and layout are kept.
+        # Packed, not planar: PyAV 18 crashes the process on a planar frame of more than 8 channels.
+        converter = av.AudioResampler(format="flt")
         chunks = []
         try:
             for frame in container.decode(stream):
                 for converted in converter.resample(frame):
-                    chunks.append(converted.to_ndarray())
+                    chunks.append(_mono(converted))
             for converted in converter.resample(None):
-                chunks.append(converted.to_ndarray())
-        except av.FFmpegError as error:
+                chunks.append(_mono(converted))
+        except (av.FFmpegError, ValueError) as error:  # ValueError: the format or layout changes mid-stream
             raise DataError(f"cannot decode audio: {error}", path=path, field=field) from error
     if not chunks:
         raise DataError("audio has no samples", path=path, field=field)
-    audio = np.concatenate(chunks, axis=1).mean(axis=0).astype(np.float32)
+    audio = np.concatenate(chunks).astype(np.float32)
     # Encoders pad or prime by up to a frame or two (AAC: 1024 samples), so allow that much slack.
     if expected is not None and audio.shape[0] < 0.99 * expected - 2048:
         raise DataError(
             f"audio is truncated: decoded {audio.shape[0]} of {int(expected)} samples", path=path, field=field
         )
+    if not np.isfinite(audio).all():
+        raise DataError("audio contains NaN or infinity", path=path, field=field)
     if float(np.abs(audio).max()) < SILENCE_PEAK:
         raise DataError(f"audio is silent (peak below {SILENCE_PEAK})", path=path, field=field)
     if file_rate != sample_rate:
         audio = _soxr(audio, file_rate, sample_rate)
     return audio
+
+
+def _mono(frame: av.AudioFrame) -> np.ndarray:
+    """A packed frame's samples ``[1, S * C]`` (channels interleaved) averaged to mono ``[S]``."""
+    return frame.to_ndarray().reshape(frame.samples, -1).mean(axis=1)
 
 
 def _soxr(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
@@ -175,11 +199,6 @@ def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
 def video_codec() -> str:
     """The mp4 video encoder to use: H.264 (libx264) where this PyAV build has it, else MPEG-4 part 2."""
     return "libx264" if "libx264" in av.codecs_available else "mpeg4"
-
-
-def _temp_path(path: Path) -> Path:
-    # Same folder so that os.replace is an atomic rename, never a cross-device copy.
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def write_video(
@@ -218,7 +237,7 @@ def write_video(
 
     rate = Fraction(fps).limit_denominator(100000)
     codec = video_codec()
-    tmp = _temp_path(path)
+    tmp = temp_path(path)
     try:
         with av.open(str(tmp), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
             if codec == "libx264":
@@ -280,7 +299,7 @@ def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> None:
         raise ValueError(f"expected mono audio [S], got shape {audio.shape}")
     # Scale by 32768 as FFmpeg does when it decodes, so that a write-read round trip is exact to half a step.
     pcm = np.clip(np.round(audio.astype(np.float64) * 32768.0), -32768, 32767).astype("<i2")
-    tmp = _temp_path(path)
+    tmp = temp_path(path)
     try:
         with wave.open(str(tmp), "wb") as out:
             out.setnchannels(1)
@@ -298,13 +317,14 @@ def read_image(path: str | Path, field: str = "reference") -> np.ndarray:
     Raises:
         DataError: missing file, or not an image PIL can decode.
     """
-    path = Path(path)
-    _check_exists(path, field)
+    check_file(path, field)
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise DataError(f"cannot read image: {error}", path=path, field=field) from error
+    # Any error: besides OSError, PIL's decoders raise what their parsing hits on a damaged file (TypeError from a
+    # TIFF tag, SyntaxError, DecompressionBombError, ...).
+    except Exception as error:
+        raise DataError(f"cannot read image ({type(error).__name__}: {error})", path=path, field=field) from error
 
 
 def write_image(path: str | Path, image: np.ndarray) -> None:
@@ -313,7 +333,7 @@ def write_image(path: str | Path, image: np.ndarray) -> None:
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"expected a uint8 image [H, W, 3], got {image.dtype} {image.shape}")
-    tmp = _temp_path(path)
+    tmp = temp_path(path)
     try:
         Image.fromarray(image).save(tmp, format="PNG")
         os.replace(tmp, path)

@@ -7,6 +7,7 @@ preference pairs add ``rejected``. Relative paths are relative to the manifest's
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -53,9 +54,12 @@ def load_manifest(source: str, split: str = "train") -> Manifest:
     path = Path(source)
     if path.suffix in LOCAL_FORMATS:
         if not path.is_file():
-            raise DataError("manifest not found", path=source)
+            raise DataError("manifest not found" if not path.exists() else "manifest is not a regular file", path=source)
+        if LOCAL_FORMATS[path.suffix] == "json":
+            _check_json_rows(path, source)
         try:
             table = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
+            rows = table.to_list()  # pyarrow checks UTF-8 only here
         except Exception as error:  # datasets wraps parser errors in several types
             raise DataError(f"cannot parse the manifest ({type(error).__name__}: {error})", path=source) from None
         root: Optional[Path] = path.resolve().parent
@@ -63,11 +67,10 @@ def load_manifest(source: str, split: str = "train") -> Manifest:
         raise DataError(f"unknown manifest format '{path.suffix}' (use one of {sorted(LOCAL_FORMATS)})", path=source)
     else:
         try:
-            table = datasets.load_dataset(source, split=split)
+            rows = datasets.load_dataset(source, split=split).to_list()
         except Exception as error:
             raise DataError(f"cannot load the dataset ({type(error).__name__}: {error})", path=source) from None
         root = None
-    rows = table.to_list()
     if not rows:
         raise DataError("the manifest has no rows", path=source)
     for index, row in enumerate(rows):
@@ -79,4 +82,37 @@ def load_manifest(source: str, split: str = "train") -> Manifest:
             value = row.get(column)
             if value is not None and not isinstance(value, str):
                 raise DataError(f"row {index}: expected a file path, got {type(value).__name__}", path=source, field=column)
+            if value is not None and not value.strip():
+                # An empty path would resolve to the manifest's folder, or silently drop an optional file.
+                raise DataError(f"row {index}: the path is empty (leave the column out instead)", path=source, field=column)
     return Manifest(source=source, rows=rows, root=root)
+
+
+def _check_json_rows(path: Path, source: str) -> None:
+    """Every row of a json/jsonl manifest must be a JSON object. Checked before ``datasets`` reads the file: pyarrow's
+    JSON reader under it crashes the whole process on some such files (a line ``null`` segfaults pyarrow 26)."""
+    if path.suffix == ".json":
+        try:
+            document = json.loads(path.read_bytes())
+        except ValueError:
+            document = None  # not one JSON document: maybe JSON Lines, checked below
+        if document is not None:
+            for index, row in enumerate(document if isinstance(document, list) else [document]):
+                if not isinstance(row, dict):
+                    raise DataError(f"row {index} is a JSON {_json_kind(row)}, not an object", path=source)
+            return
+    with open(path, "rb") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as error:  # invalid JSON, or not UTF-8
+                raise DataError(f"line {number} is not valid JSON ({error})", path=source) from None
+            if not isinstance(row, dict):
+                raise DataError(f"line {number} is a JSON {_json_kind(row)}, not an object (a row)", path=source)
+
+
+def _json_kind(value) -> str:
+    kinds = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)

@@ -139,6 +139,20 @@ class PortraitDenoiser(nn.Module):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.codec.decode(latents)
 
+    def latents(self, batch: dict, field: str = "video") -> torch.Tensor:
+        """The latents of a batch's clips (``video``) or rejected clips (``rejected``): cached ones
+        (``latents`` / ``rejected_latents``, from ``prefalign preprocess``) when the batch has them, else encoded."""
+        cached = batch.get("latents" if field == "video" else f"{field}_latents")
+        if cached is not None:
+            return cached
+        if field not in batch:
+            raise DataError(f"the batch has neither '{field}' pixels nor cached latents", field=field)
+        return self.encode_video(batch[field])
+
+    @property
+    def audio_encoder_frozen(self) -> bool:
+        return self.audio_encoder is not None and not any(p.requires_grad for p in self.audio_encoder.parameters())
+
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         h, w = self.codec.latent_size(height, width)
         return self.codec.latent_channels, self.codec.num_latent_frames(num_frames), h, w
@@ -146,21 +160,29 @@ class PortraitDenoiser(nn.Module):
     def condition(self, batch: dict, num_frames: Optional[int] = None) -> dict:
         """The model's conditions from a batch: the reference latent and the audio features.
 
-        ``num_frames`` defaults to the batch's video length; prediction batches without video give it.
+        ``num_frames`` defaults to the batch's video length, or its ``num_frames`` (prediction batches and
+        cached latents). Cached ``audio_features`` replace the audio encoder while it is frozen.
         """
         reference = batch.get("reference")
         if reference is None:
             raise DataError("the denoiser needs a reference image (or a video whose first frame serves)", field="reference")
         if num_frames is None:
-            if "video" not in batch:
+            if "video" in batch:
+                num_frames = batch["video"].shape[1]
+            elif "num_frames" in batch:
+                num_frames = int(batch["num_frames"][0])
+            else:
                 raise DataError("number of frames unknown: give a video or the frame count", field="video")
-            num_frames = batch["video"].shape[1]
         self.codec.num_latent_frames(num_frames)
         cond = {"reference": self.encode_reference(reference, num_frames), "num_frames": num_frames}
         if self.audio_encoder is not None:
             if batch.get("audio") is None:
                 raise DataError("this denoiser is audio-conditioned but the batch has no audio", field="audio")
-            cond["audio"] = self.audio_encoder(batch["audio"], num_frames, self.fps)
+            features = batch.get("audio_features")
+            if features is not None and self.audio_encoder_frozen and features.shape[1] == num_frames:
+                cond["audio"] = features
+            else:
+                cond["audio"] = self.audio_encoder(batch["audio"], num_frames, self.fps)
         if self.motion is not None:
             pose = batch.get("pose")
             if pose is None:

@@ -1,0 +1,617 @@
+"""The latent cache: ``prefalign preprocess`` encodes every clip window once into safetensors shards, and
+``CachedClipDataset`` serves those windows as batch items, so that training at scale never decodes video."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator, Literal, Optional, Union
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+
+from prefalign.data.errors import DataError
+from prefalign.files import atomic_write
+
+log = logging.getLogger(__name__)
+
+FORMAT = "prefalign-latent-cache"
+VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = ("float32", "float16", "bfloat16")
+#: Tensor fields an entry may hold in its shard, under ``"<entry key>/<field>"``.
+TENSOR_FIELDS = ("latents", "rejected_latents", "audio", "audio_features", "reference", "pose")
+#: Fields stored in the cache's dtype; audio and pose stay float32, the reference uint8 (it is exact that way).
+ENCODED_FIELDS = ("latents", "rejected_latents", "audio_features")
+#: Fields every entry has.
+REQUIRED_FIELDS = ("latents", "audio", "reference")
+
+
+# --- what a cache was made with ----------------------------------------------------------------------------------------
+def _class_path(obj) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def _describe(module: torch.nn.Module) -> dict:
+    """What decides a frozen module's outputs: its scalar settings, the config of the model it wraps (a diffusers
+    VAE's or a transformers model's, including where its weights came from) and the weights' dtype."""
+    config = {
+        name: value
+        for name, value in vars(module).items()
+        if not name.startswith("_") and name != "training" and isinstance(value, (bool, int, float, str, list, tuple))
+    }
+    for name, child in module.named_children():
+        inner = getattr(child, "config", None)
+        if inner is None:
+            continue
+        inner = inner.to_dict() if hasattr(inner, "to_dict") else dict(inner)
+        config[name] = {
+            key: value
+            for key, value in inner.items()
+            if key == "_name_or_path" or not (key.startswith("_") or key.endswith("_version"))
+        }
+    weight = next(module.parameters(), None)
+    if weight is not None:
+        config["weights_dtype"] = str(weight.dtype).removeprefix("torch.")
+    return _jsonable(config)
+
+
+def fingerprint(denoiser, fps: float, sample_rate: int, num_frames: int, frame_size: tuple[int, int], dtype: str) -> dict:
+    """What cached tensors depend on: the codec and audio encoder (classes, settings, output shapes), the data
+    module's rates and window length, and the dtype they are stored in."""
+    encoder = denoiser.audio_encoder
+    return {
+        "codec": {
+            "class": _class_path(denoiser.codec),
+            "config": _describe(denoiser.codec),
+            "frame_size": list(frame_size),
+            "latent_shape": list(denoiser.latent_shape(num_frames, *frame_size)),
+        },
+        "audio_encoder": None
+        if encoder is None
+        else {
+            "class": _class_path(encoder),
+            "config": _describe(encoder),
+            "sample_rate": encoder.sample_rate,
+            "feature_shape": [num_frames, encoder.num_levels, encoder.feature_dim],
+        },
+        "fps": float(fps),
+        "sample_rate": int(sample_rate),
+        "num_frames": int(num_frames),
+        "dtype": dtype,
+    }
+
+
+def _differences(cached: dict, run: dict) -> str:
+    keys = sorted(set(cached) | set(run), key=str)
+    return ", ".join(f"{k}: {cached.get(k)!r} in the cache, {run.get(k)!r} in this run" for k in keys if cached.get(k) != run.get(k))
+
+
+# --- writing --------------------------------------------------------------------------------------------------------------
+def _window(clip: dict, start: int, length: int, samples_per_frame: float) -> dict:
+    """The decoded clip seen from frame ``start``: ``ClipDataset.crop`` without random start then cuts ``length``
+    frames and ``round(length · samples_per_frame)`` samples from it, the same count for every window."""
+    begin, count = round(start * samples_per_frame), round(length * samples_per_frame)
+    audio = clip["audio"][begin : begin + count]
+    view = {**clip, "frames": clip["frames"][start:], "audio": np.pad(audio, (0, count - audio.shape[0]))}
+    for name in ("pose", "rejected"):
+        if name in clip:
+            view[name] = clip[name][start:]
+    return view
+
+
+class _ShardWriter:
+    """Collects entries and writes them ``shard_size`` at a time, each shard atomically."""
+
+    def __init__(self, folder: Path, shard_size: int):
+        self.folder = folder
+        self.shard_size = shard_size
+        self.entries: list[dict] = []
+        self.shards: list[str] = []
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_count = 0
+        self.fields: set[str] = set()
+
+    def add(self, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        key = f"{len(self.entries):06d}"
+        self.entries.append({**meta, "shard": f"shard-{len(self.shards):05d}.safetensors", "key": key})
+        for field, tensor in tensors.items():
+            self.pending[f"{key}/{field}"] = tensor.detach().cpu().contiguous()
+        self.fields.update(tensors)
+        if "labels" in meta:
+            self.fields.add("labels")
+        self.pending_count += 1
+        if self.pending_count == self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending_count:
+            return
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        with atomic_write(self.folder / name) as tmp:
+            save_file(self.pending, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
+        self.shards.append(name)
+        self.pending, self.pending_count = {}, 0
+
+
+@torch.no_grad()
+def _encode(denoiser, items: list[dict], num_frames: int, dtype: torch.dtype, device: torch.device) -> list[dict]:
+    """One batch of cropped windows → the tensors each entry stores."""
+    latents = denoiser.encode_video(torch.stack([item["video"] for item in items]).to(device))
+    paired = [i for i, item in enumerate(items) if "rejected" in item]
+    rejected = {}
+    if paired:
+        encoded = denoiser.encode_video(torch.stack([items[i]["rejected"] for i in paired]).to(device))
+        rejected = dict(zip(paired, encoded))
+    features = None
+    if denoiser.audio_encoder is not None:
+        audio = torch.stack([item["audio"] for item in items]).to(device)
+        features = denoiser.audio_encoder(audio, num_frames, denoiser.fps)
+    out = []
+    for i, item in enumerate(items):
+        tensors = {
+            "latents": latents[i].to(dtype),
+            "audio": item["audio"].float(),
+            # Decoded references are uint8 / 255, so this round trip is exact.
+            "reference": (item["reference"] * 255).round().to(torch.uint8),
+        }
+        if i in rejected:
+            tensors["rejected_latents"] = rejected[i].to(dtype)
+        if features is not None:
+            tensors["audio_features"] = features[i].to(dtype)
+        if "pose" in item:
+            tensors["pose"] = item["pose"].float()
+        out.append(tensors)
+    return out
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def preprocess(
+    denoiser,
+    datamodule,
+    out: str | Path,
+    split: str = "train",
+    stride: Optional[int] = None,
+    shard_size: int = 256,
+    dtype: str = "float32",
+    batch_size: int = 8,
+) -> LatentCache:
+    """Encode every window of every clip of ``split`` once, into safetensors shards and a ``manifest.json``.
+
+    Each clip is cut into windows of ``datamodule.num_frames`` frames starting every ``stride`` frames. Per window
+    the cache holds the codec latents (and those of the rejected clip of a preference pair), the audio waveform,
+    the frozen audio encoder's features, the reference image (uint8), the pose, and in the manifest the id, labels,
+    source row and first frame. The manifest is written last, so a folder with one is a whole cache.
+
+    Args:
+        denoiser (PortraitDenoiser): its codec and audio encoder (frozen) encode, on the denoiser's device.
+        datamodule (PortraitDataModule): decodes the rows, with its rates, ``num_frames`` and ``on_bad_sample``.
+        out (str | Path): the cache folder (created; a cache already there is replaced).
+        split (str): ``train``, ``val``, ``test`` (the data module's split of that name).
+        stride (int | None): frames between window starts; ``None``: ``num_frames`` (windows do not overlap).
+        shard_size (int): windows per shard file.
+        dtype (str): dtype of latents and audio features on disk (``float32``, ``float16``, ``bfloat16``).
+        batch_size (int): windows encoded together.
+
+    Returns:
+        LatentCache: the cache just written.
+    """
+    num_frames = datamodule.num_frames
+    if not num_frames:
+        raise ValueError("set data.num_frames: the cache stores windows of one length")
+    stride = num_frames if stride is None else stride
+    for name, value in {"stride": stride, "shard_size": shard_size, "batch_size": batch_size}.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    denoiser.codec.num_latent_frames(num_frames)  # a window length the codec cannot encode fails now, not per clip
+    encoder = denoiser.audio_encoder
+    if encoder is not None and any(p.requires_grad for p in encoder.parameters()):
+        raise ValueError(
+            "this denoiser trains its audio encoder (train_audio_encoder): cached audio features would go stale as "
+            "it learns; preprocess with the encoder frozen, and the module recomputes features from the cached audio"
+        )
+    if abs(denoiser.fps - datamodule.fps) > 1e-6:
+        raise ValueError(f"the denoiser's fps ({denoiser.fps:g}) and the data module's ({datamodule.fps:g}) differ")
+    if encoder is not None and encoder.sample_rate != datamodule.sample_rate:
+        raise ValueError(
+            f"the audio encoder takes {encoder.sample_rate} Hz, the data module gives {datamodule.sample_rate} Hz"
+        )
+
+    dataset = datamodule.dataset(split)
+    dataset.random_crop = False  # windows start where the stride says
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    # A manifest left from an earlier cache would describe the shards this run overwrites.
+    (folder / MANIFEST).unlink(missing_ok=True)
+    writer = _ShardWriter(folder, shard_size)
+    skipped: list[dict] = []
+    frame_size: list[Optional[tuple[int, int]]] = [None]
+    cached_rows = set()
+    was_training = denoiser.training
+    denoiser.eval()
+    device = _device(denoiser)
+    try:
+        batch: list[tuple[dict, dict]] = []
+        for meta, item in _windows(dataset, stride, skipped, frame_size):
+            batch.append((meta, item))
+            if len(batch) == batch_size:
+                _write(writer, denoiser, batch, num_frames, dtype, device)
+                cached_rows.update(m["row"] for m, _ in batch)
+                batch = []
+        if batch:
+            _write(writer, denoiser, batch, num_frames, dtype, device)
+            cached_rows.update(m["row"] for m, _ in batch)
+        writer.flush()
+    finally:
+        denoiser.train(was_training)
+    if not writer.entries:
+        raise DataError(f"no window to cache: every row of the {split} split was skipped", path=dataset.manifest.source)
+
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "fingerprint": fingerprint(denoiser, datamodule.fps, datamodule.sample_rate, num_frames, frame_size[0], dtype),
+        "source": dataset.manifest.source,
+        "split": split,
+        "stride": stride,
+        "fields": sorted(writer.fields),
+        "counts": {
+            "rows": len(dataset.indices),
+            "cached_rows": len(cached_rows),
+            "entries": len(writer.entries),
+            "skipped": len(skipped),
+            "shards": len(writer.shards),
+        },
+        "shards": writer.shards,
+        "entries": writer.entries,
+        "skipped": skipped,
+    }
+    for stale in folder.glob("shard-*.safetensors"):
+        if stale.name not in writer.shards:
+            stale.unlink()
+    with atomic_write(folder / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1))
+    return LatentCache(folder)
+
+
+def _write(writer: _ShardWriter, denoiser, batch: list[tuple[dict, dict]], num_frames: int, dtype: str, device) -> None:
+    encoded = _encode(denoiser, [item for _, item in batch], num_frames, getattr(torch, dtype), device)
+    for (meta, _), tensors in zip(batch, encoded):
+        writer.add(meta, tensors)
+
+
+def _windows(dataset, stride: int, skipped: list[dict], frame_size: list) -> Iterator[tuple[dict, dict]]:
+    """``(entry metadata, cropped item)`` for every window of every row, bad rows raised or skipped as the data
+    module's ``on_bad_sample`` says."""
+    manifest, length = dataset.manifest, dataset.num_frames
+    samples_per_frame = dataset.sample_rate / dataset.fps
+    for row_index in dataset.indices:
+        row = manifest.rows[row_index]
+        row_id = str(row.get("id", row_index))
+        try:
+            if row.get("video") is None:
+                raise DataError(f"row {row_index} has no video: there is nothing to encode", path=manifest.source, field="video")
+            clip = dataset.decode(row, row_index)
+            size = tuple(clip["frames"].shape[1:3])
+            if frame_size[0] is None:
+                frame_size[0] = size
+            elif size != frame_size[0]:
+                raise DataError(
+                    f"video is {size[0]}x{size[1]}, the clips cached before it {frame_size[0][0]}x{frame_size[0][1]}",
+                    path=manifest.resolve(row["video"]),
+                    field="video",
+                )
+        except DataError as error:
+            if dataset.on_bad_sample == "raise":
+                raise
+            log.warning("skipping a bad sample: %s", error)
+            skipped.append({"row": row_index, "id": row_id, "path": error.path, "field": error.field, "reason": error.message})
+            continue
+        total = clip["frames"].shape[0]
+        for start in range(0, total - length + 1, stride):
+            item = dataset.crop(_window(clip, start, length, samples_per_frame))
+            meta = {"id": item["id"], "row": row_index, "start_frame": start}
+            if "labels" in item:
+                meta["labels"] = _jsonable(item["labels"])
+            yield meta, item
+
+
+# --- reading ------------------------------------------------------------------------------------------------------------
+class LatentCache:
+    """A cache written by :func:`preprocess`: its manifest, checked on opening, and its shards, opened lazily.
+
+    Every shard is opened once here, so a missing or truncated shard or a missing tensor is an error naming the
+    file now rather than in the middle of an epoch.
+
+    Args:
+        folder (str | Path): the cache folder (holding ``manifest.json`` and ``shard-*.safetensors``).
+    """
+
+    #: Open shards kept per process (each worker process keeps its own).
+    max_open_shards = 16
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.path = self.folder / MANIFEST
+        self.manifest = self._read_manifest()
+        self.fingerprint: dict = self.manifest["fingerprint"]
+        self.entries: list[dict] = self.manifest["entries"]
+        self.fields: set[str] = set(self.manifest["fields"])
+        self.num_frames: int = int(self.fingerprint["num_frames"])
+        self._handles: OrderedDict = OrderedDict()
+        self._pid = os.getpid()
+        self._validate_shards()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __repr__(self) -> str:
+        return f"LatentCache({str(self.folder)!r}, {len(self)} windows)"
+
+    def _read_manifest(self) -> dict:
+        try:
+            manifest = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            raise DataError("no latent cache here (write one with `prefalign preprocess`)", path=self.path) from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DataError(f"corrupt cache manifest ({error})", path=self.path) from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise DataError(f"not a latent cache manifest (expected format '{FORMAT}')", path=self.path, field="format")
+        if manifest.get("version") != VERSION:
+            raise DataError(
+                f"cache version {manifest.get('version')!r}, this prefalign reads version {VERSION}: preprocess again",
+                path=self.path,
+                field="version",
+            )
+        for key, kind in {"fingerprint": dict, "fields": list, "shards": list, "entries": list}.items():
+            if not isinstance(manifest.get(key), kind):
+                raise DataError(f"missing or not a {kind.__name__}", path=self.path, field=key)
+        for key in ("num_frames", "fps", "sample_rate", "codec", "audio_encoder"):
+            if key not in manifest["fingerprint"]:
+                raise DataError("missing", path=self.path, field=f"fingerprint.{key}")
+        shards = set(manifest["shards"])
+        for index, entry in enumerate(manifest["entries"]):
+            for key in ("id", "shard", "key", "row", "start_frame"):
+                if not isinstance(entry, dict) or key not in entry:
+                    raise DataError("missing", path=self.path, field=f"entries[{index}].{key}")
+            if entry["shard"] not in shards:
+                raise DataError(f"names shard {entry['shard']!r}, not in 'shards'", path=self.path, field=f"entries[{index}].shard")
+        return manifest
+
+    def _validate_shards(self) -> None:
+        keys: dict[str, set[str]] = {}
+        for name in self.manifest["shards"]:
+            path = self.folder / name
+            if not path.is_file():
+                raise DataError("shard missing", path=path, field="shards")
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    keys[name] = set(handle.keys())
+            except Exception as error:  # safetensors raises its own error type for bad headers and short files
+                raise DataError(f"cannot read shard ({error})", path=path, field="shards") from None
+        for entry in self.entries:
+            for field in REQUIRED_FIELDS:
+                if f"{entry['key']}/{field}" not in keys[entry["shard"]]:
+                    raise DataError(
+                        f"tensor '{entry['key']}/{field}' of clip {entry['id']} (frame {entry['start_frame']}) missing",
+                        path=self.folder / entry["shard"],
+                        field=field,
+                    )
+
+    def __getstate__(self) -> dict:
+        # Shard handles are per process: a worker opens its own.
+        return {**self.__dict__, "_handles": OrderedDict()}
+
+    def _open(self, name: str):
+        if self._pid != os.getpid():
+            self._handles, self._pid = OrderedDict(), os.getpid()
+        if name in self._handles:
+            self._handles.move_to_end(name)
+            return self._handles[name]
+        path = self.folder / name
+        try:
+            handle = safe_open(str(path), framework="pt")
+            opened = (handle, set(handle.keys()))
+        except Exception as error:
+            raise DataError(f"cannot read shard ({error})", path=path, field="shards") from None
+        self._handles[name] = opened
+        if len(self._handles) > self.max_open_shards:
+            self._handles.popitem(last=False)
+        return opened
+
+    def read(self, index: int) -> dict:
+        """Entry ``index`` as a batch item: ``id``, ``latents``, ``audio``, ``reference`` float [3,H,W] in [0, 1],
+        ``num_frames``, and where cached ``rejected_latents``, ``audio_features``, ``pose``, ``labels``."""
+        entry = self.entries[index]
+        handle, keys = self._open(entry["shard"])
+        path = self.folder / entry["shard"]
+        item: dict = {"id": entry["id"]}
+        for field in TENSOR_FIELDS:
+            key = f"{entry['key']}/{field}"
+            if key not in keys:
+                continue
+            try:
+                tensor = handle.get_tensor(key)
+            except Exception as error:
+                raise DataError(f"cannot read tensor '{key}' ({error})", path=path, field=field) from None
+            item[field] = tensor.float() / 255 if field == "reference" else tensor.float()
+        self._check_shapes(item, path, entry["key"])
+        if "labels" in entry:
+            item["labels"] = entry["labels"]
+        item["num_frames"] = self.num_frames
+        return item
+
+    def _check_shapes(self, item: dict, path: Path, key: str) -> None:
+        codec, encoder = self.fingerprint["codec"], self.fingerprint["audio_encoder"]
+        expected = {
+            "latents": codec.get("latent_shape"),
+            "rejected_latents": codec.get("latent_shape"),
+            "audio": [round(self.num_frames * self.fingerprint["sample_rate"] / self.fingerprint["fps"])],
+            "audio_features": encoder and encoder.get("feature_shape"),
+            "reference": [3, *codec["frame_size"]] if codec.get("frame_size") else None,
+        }
+        for field, shape in expected.items():
+            if field in item and shape is not None and list(item[field].shape) != list(shape):
+                raise DataError(
+                    f"tensor '{key}/{field}' has shape {list(item[field].shape)}, the cache's fingerprint says {list(shape)}",
+                    path=path,
+                    field=field,
+                )
+
+    def check(self, denoiser, fps: float, sample_rate: int, num_frames: int) -> None:
+        """Raise a ``DataError`` naming the setting if this run's denoiser or data settings differ from the cache's.
+
+        Args:
+            denoiser (PortraitDenoiser): the run's denoiser (its codec and audio encoder).
+            fps (float): the run's video frame rate (``data.fps``).
+            sample_rate (int): the run's audio rate (``data.sample_rate``).
+            num_frames (int): the run's window length (``data.num_frames``).
+        """
+        cached = self.fingerprint
+        again = "preprocess again with this run's settings"
+        for name, value in {"fps": fps, "sample_rate": sample_rate, "num_frames": num_frames}.items():
+            if value is None or abs(float(value) - float(cached[name])) > 1e-6:
+                raise DataError(
+                    f"the cache was made with {name}={cached[name]:g}, this run uses data.{name}={value}: {again}",
+                    path=self.path,
+                    field=name,
+                )
+        if abs(denoiser.fps - float(cached["fps"])) > 1e-6:
+            raise DataError(
+                f"the cache's audio features are aligned to {cached['fps']:g} fps, the denoiser runs at {denoiser.fps:g}",
+                path=self.path,
+                field="fps",
+            )
+        codec = cached["codec"]
+        run = fingerprint(denoiser, fps, sample_rate, num_frames, tuple(codec["frame_size"]), cached.get("dtype", "float32"))
+        for part in ("codec", "audio_encoder"):
+            mine, theirs = run[part], cached[part]
+            if mine == theirs:
+                continue
+            if mine is None or theirs is None:
+                have = "has no audio encoder" if theirs is None else f"has audio features of {theirs['class']}"
+                now = "none" if mine is None else mine["class"]
+                raise DataError(f"the cache {have}, this run's denoiser has {now}: {again}", path=self.path, field=part)
+            if mine["class"] != theirs["class"]:
+                detail = f"class: {theirs['class']} in the cache, {mine['class']} in this run"
+            elif mine["config"] != theirs["config"]:
+                detail = _differences(theirs["config"], mine["config"])
+            else:
+                detail = _differences(theirs, mine)
+            raise DataError(f"the {part} differs ({detail}): {again}", path=self.path, field=part)
+
+
+class CachedClipDataset(Dataset):
+    """Cached windows as the items ``collate_clips`` batches: the fields of a decoded clip, with ``latents`` (and
+    ``rejected_latents``) in place of the pixels, and ``audio_features`` where an audio encoder made them.
+
+    An index may be ``(index, epoch)``, as the data module's ``EpochSampler`` yields: windows are fixed, so the
+    epoch changes nothing.
+
+    Args:
+        cache (LatentCache): the cache.
+        indices (list[int] | None): the entries served, in order; ``None``: all of them.
+        on_bad_sample (str): ``raise`` on an unreadable tensor, or ``skip``: give the data module's ``Skipped``
+            record instead, which the collate counts.
+    """
+
+    def __init__(self, cache: LatentCache, indices: Optional[list[int]] = None, on_bad_sample: str = "raise"):
+        self.cache = cache
+        self.indices = list(range(len(cache))) if indices is None else list(indices)
+        self.on_bad_sample = on_bad_sample
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: Union[int, tuple[int, int]]):
+        index = key[0] if isinstance(key, tuple) else key
+        try:
+            return self.cache.read(self.indices[index])
+        except DataError as error:
+            if self.on_bad_sample == "raise":
+                raise
+            # Imported here: the data module imports this file.
+            from prefalign.data.datamodule import Skipped
+
+            log.warning("skipping a bad sample: %s", error)
+            entry = self.cache.entries[self.indices[index]]
+            return Skipped(entry["id"], str(self.cache.folder / entry["shard"]), error.path, error.field, error.message)
+
+
+# --- command ------------------------------------------------------------------------------------------------------------
+def preprocess_command(
+    recipe: str,
+    out: str,
+    split: str = "train",
+    stride: Optional[int] = None,
+    shard_size: int = 256,
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32",
+    batch_size: int = 8,
+    device: Optional[str] = None,
+) -> None:
+    """Encode a recipe's clips once into a latent cache (codec latents, audio features) for training without decoding.
+
+    ``prefalign preprocess --recipe recipe.yaml --out DIR``. (Not ``--config``: jsonargparse reserves that name
+    and drops a function parameter called so.)
+
+    Args:
+        recipe: the training recipe (YAML) whose ``model.denoiser`` encodes and whose ``data`` gives the clips.
+        out: the cache folder to write.
+        split: which of the data module's splits to encode (``train``, ``val``, ``test``).
+        stride: frames between the starts of a clip's windows (``data.num_frames`` long); default: ``num_frames``.
+        shard_size: windows per safetensors shard.
+        dtype: dtype of the cached latents and audio features (``float32``, ``float16``, ``bfloat16``).
+        batch_size: windows encoded together.
+        device: where to encode (``cuda``, ``cpu``, ...); default: ``cuda`` when there is one.
+    """
+    # Imported here: the data module will import this file, and prefalign.module imports the data module.
+    from lightning.pytorch.cli import LightningCLI
+
+    from prefalign.data.datamodule import PortraitDataModule
+    from prefalign.module import AlignmentModule
+
+    class _ModelAndData(LightningCLI):
+        # Nothing is trained: the recipe's Trainer (accelerators, strategy, nodes) is not built.
+        def instantiate_trainer(self, **kwargs):
+            return None
+
+        def parse_arguments(self, parser, args):
+            with warnings.catch_warnings():
+                # The recipe comes in ``args`` on purpose; sys.argv holds this command's own arguments.
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+                super().parse_arguments(parser, args)
+
+    cli = _ModelAndData(
+        AlignmentModule,
+        PortraitDataModule,
+        args=["--config", recipe],
+        run=False,
+        save_config_callback=None,
+        auto_configure_optimizers=False,
+    )
+    denoiser = cli.model.denoiser.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cache = preprocess(denoiser, cli.datamodule, out, split, stride, shard_size, dtype, batch_size)
+    counts = cache.manifest["counts"]
+    print(
+        f"cached {counts['entries']} windows of {counts['cached_rows']} of {counts['rows']} clips "
+        f"({counts['skipped']} skipped) in {counts['shards']} shards: {cache.path}"
+    )

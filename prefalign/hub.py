@@ -1,0 +1,542 @@
+"""Share LoRA runs on the Hugging Face Hub: a checkpoint's adapters as a peft folder with a model card, pushed from
+the command line (``prefalign push``) or during training (``PushToHub``), and loaded back onto a denoiser."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+import lightning as L
+import torch
+from safetensors.torch import load_file, save_file
+
+from prefalign.files import atomic_write
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitInfo
+    from peft import LoraConfig
+
+    from prefalign.denoisers.base import PortraitDenoiser
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MODULES = "prefalign_modules.safetensors"
+RECIPE = "prefalign_recipe.yaml"
+CARD = "README.md"
+#: How peft names adapter tensors on disk (``PeftModel.save_pretrained``): the wrapped model's prefix, no adapter name.
+PEFT_PREFIX = "base_model.model."
+NO_TOKEN = (
+    "no Hugging Face token found: log in with `hf auth login` (or `huggingface-cli login`), or set the HF_TOKEN "
+    "environment variable to a token with write access (https://huggingface.co/settings/tokens)"
+)
+
+
+# --- the folder ----------------------------------------------------------------------------------------------------
+def write_adapter(
+    checkpoint: dict,
+    folder: Union[str, Path],
+    recipe: Optional[str] = None,
+    eval_table: Optional[dict] = None,
+    *,
+    repo_id: Optional[str] = None,
+    license: Optional[str] = None,
+) -> Path:
+    """Write a LoRA checkpoint as a folder peft and the Hub understand.
+
+    Files: ``adapter_config.json`` and ``adapter_model.safetensors`` (what ``PeftModel.from_pretrained`` reads, for
+    the backbone), ``prefalign_modules.safetensors`` (the conditioning modules prefalign adds, trained in full),
+    ``prefalign_recipe.yaml`` (when ``recipe`` is given) and a model card ``README.md``.
+
+    Args:
+        checkpoint (dict): a Lightning checkpoint of a LoRA run: ``state_dict`` holding the trained tensors and
+            ``prefalign`` describing the run (what ``AlignmentModule.on_save_checkpoint`` writes).
+        folder (str | Path): where to write (created if missing).
+        recipe (str | None): the run's YAML config, shown in the card and written as ``prefalign_recipe.yaml``.
+        eval_table (dict | None): the JSON ``prefalign test`` writes (``{"metrics": {name: {"mean", "std"}}}``).
+        repo_id (str | None): the Hub repo the folder goes to, named in the card's loading code.
+        license (str | None): the license id for the card's metadata (e.g. ``apache-2.0``).
+
+    Returns:
+        Path: the folder.
+    """
+    meta = checkpoint.get("prefalign")
+    if meta is None:
+        raise ValueError(
+            "this checkpoint has no 'prefalign' entry describing the run (it was not saved by prefalign's "
+            "AlignmentModule, or by an older version): cannot tell its LoRA settings"
+        )
+    adapter, modules = split_trained_tensors(checkpoint["state_dict"])
+    if meta.get("lora") is None or not adapter:
+        raise ValueError(
+            "this is a full-weights checkpoint: it has no LoRA adapters to push. Write its denoiser weights with "
+            "`prefalign export --ckpt_path CKPT --out weights.safetensors` and share that file instead"
+        )
+    lora = meta["lora"]
+    config = lora_config(lora, meta.get("base_model"))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    description = {
+        "algorithm": meta.get("algorithm"),
+        "denoiser": meta.get("denoiser"),
+        "base_model": meta.get("base_model"),
+        "train_new_modules": lora.get("train_new_modules"),
+        "global_step": checkpoint.get("global_step"),
+    }
+    with atomic_write(folder / ADAPTER_CONFIG) as tmp:
+        tmp.write_text(json.dumps(peft_config_dict(config), indent=2, sort_keys=True))
+    with atomic_write(folder / ADAPTER_WEIGHTS) as tmp:
+        save_file(adapter, tmp, metadata={"format": "pt"})
+    with atomic_write(folder / MODULES) as tmp:
+        save_file(modules, tmp, metadata={"format": "pt", "prefalign": json.dumps(description)})
+    if recipe is not None:
+        with atomic_write(folder / RECIPE) as tmp:
+            tmp.write_text(recipe)
+    card = model_card(description, config, recipe, eval_table, repo_id=repo_id, license=license)
+    with atomic_write(folder / CARD) as tmp:
+        tmp.write_text(card)
+    return folder
+
+
+def split_trained_tensors(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """A checkpoint's trained tensors as (adapters under peft's on-disk names, new-module tensors by their path in
+    the denoiser). The reference snapshot and anything outside the denoiser are left out."""
+    adapter, modules = {}, {}
+    for key, value in state_dict.items():
+        if not key.startswith("denoiser."):
+            continue  # reference_snapshot.*: the starting values, not part of the trained model
+        name = key.removeprefix("denoiser.")
+        if ".base_layer." in name:
+            raise ValueError(
+                f"the checkpoint holds frozen base weights ({key}): a LoRA checkpoint should keep only the trained "
+                "tensors (adapters and new modules); was it written by an older prefalign?"
+            )
+        if ".lora_" in name:
+            if not name.startswith("backbone."):
+                raise ValueError(f"LoRA tensor outside the backbone: {key}")
+            # peft's files drop the adapter name: blocks.0.attn1.to_q.lora_A.default.weight → ...lora_A.weight
+            peft_name = re.sub(r"(\.lora_\w+)\.default(?=\.|$)", r"\1", name.removeprefix("backbone."))
+            adapter[PEFT_PREFIX + peft_name] = value.detach().cpu().contiguous()
+        else:
+            modules[name] = value.detach().cpu().contiguous()
+    return adapter, modules
+
+
+def lora_config(lora: dict, base_model: Optional[str] = None) -> "LoraConfig":
+    """The peft ``LoraConfig`` of a checkpoint's ``prefalign["lora"]`` entry."""
+    from peft import LoraConfig
+
+    rank = int(lora["rank"])
+    alpha = lora.get("alpha")
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        lora_dropout=float(lora.get("dropout") or 0.0),
+        target_modules=sorted(lora["target_modules"]),
+        base_model_name_or_path=base_model,
+        inference_mode=True,  # as PeftModel.save_pretrained writes it
+    )
+
+
+def peft_config_dict(config: "LoraConfig") -> dict:
+    """``config.to_dict()`` as peft writes it to ``adapter_config.json`` (sets as lists, enums as their values)."""
+    return json.loads(json.dumps(config.to_dict(), default=lambda value: sorted(value) if isinstance(value, set) else str(value)))
+
+
+# --- the model card ------------------------------------------------------------------------------------------------
+def model_card(
+    description: dict,
+    config: "LoraConfig",
+    recipe: Optional[str] = None,
+    eval_table: Optional[dict] = None,
+    *,
+    repo_id: Optional[str] = None,
+    license: Optional[str] = None,
+) -> str:
+    """The README.md: Hub metadata (YAML front matter) and a body saying what was trained and how to load it."""
+    from huggingface_hub import ModelCardData
+
+    algorithm = description.get("algorithm") or "unknown algorithm"
+    denoiser = description.get("denoiser") or "PortraitDenoiser"
+    base = description.get("base_model")
+    tags = ["prefalign", "talking-head", "lora", "peft"]
+    if description.get("algorithm"):
+        tags.append(description["algorithm"].lower())
+    metadata = ModelCardData(base_model=base, library_name="peft", license=license, tags=tags)
+    source = repo_id or "path/to/this/folder"
+    title = repo_id.split("/")[-1] if repo_id else f"{algorithm} LoRA"
+    step = description.get("global_step")
+    lines = [
+        "---", metadata.to_yaml(), "---", "",
+        f"# {title}", "",
+        f"LoRA adapters for the backbone of a `{denoiser}` talking-head video model, trained with **{algorithm}** "
+        f"in prefalign{f' for {step} optimizer steps' if step else ''}.",
+        f"Base model: `{base}`." if base else "Base model: built from the recipe below (no pretrained id recorded).",
+        "",
+        "| rank | alpha | dropout | adapted modules |",
+        "|---|---|---|---|",
+        f"| {config.r} | {config.lora_alpha} | {config.lora_dropout} | {', '.join(sorted(config.target_modules))} |",
+        "",
+        "## Files", "",
+        f"- `{ADAPTER_CONFIG}`, `{ADAPTER_WEIGHTS}`: the backbone's adapters, in peft's format.",
+        f"- `{MODULES}`: the conditioning modules prefalign adds to the backbone (speech cross-attention, motion), "
+        + ("trained in full." if description.get("train_new_modules") else "not trained in this run (empty)."),
+    ]  # fmt: skip
+    if recipe is not None:
+        lines.append(f"- `{RECIPE}`: the training recipe (`prefalign fit --config {RECIPE}`).")
+    lines += [
+        "", "## How to load", "",
+        "The whole model with prefalign (adapters and conditioning modules), on the denoiser the recipe builds:", "",
+        "```python", "from prefalign.hub import load_adapter", "",
+        "denoiser = ...  # model.denoiser of the recipe, with the base weights",
+        f'load_adapter(denoiser, "{source}")', "```", "",
+        "The backbone alone with peft (without the conditioning modules it does not hear the speech):", "",
+        "```python", "from peft import PeftModel", "",
+        "backbone = ...  # the diffusers backbone, e.g. denoiser.backbone",
+        f'backbone = PeftModel.from_pretrained(backbone, "{source}")', "```",
+    ]  # fmt: skip
+    if eval_table is not None:
+        lines += ["", "## Evaluation", "", eval_markdown(eval_table)]
+    if recipe is not None:
+        fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", recipe)), default=0))
+        lines += ["", "## Recipe", "", f"{fence}yaml", recipe.rstrip("\n"), fence]
+    return "\n".join(lines) + "\n"
+
+
+def eval_markdown(table: dict) -> str:
+    """A markdown table of ``prefalign test``'s JSON: one row per metric, ``mean ± std``."""
+    metrics = table.get("metrics", {k: v for k, v in table.items() if k != "clips"})
+    rows = ["| metric | mean ± std |", "|---|---|"]
+    for name, value in metrics.items() if isinstance(metrics, dict) else ():
+        mean, std = (value.get("mean"), value.get("std")) if isinstance(value, dict) else (value, None)
+        if not isinstance(mean, (int, float)):
+            continue
+        rows.append(f"| {name} | {mean:.4g}" + (f" ± {std:.2g}" if isinstance(std, (int, float)) else "") + " |")
+    if len(rows) == 2:
+        return "(no metrics in the evaluation table)"
+    clips = table.get("clips")
+    if isinstance(clips, list):
+        rows += ["", f"On {len(clips)} held-out clips."]
+    return "\n".join(rows)
+
+
+# --- pushing -------------------------------------------------------------------------------------------------------
+def push(
+    ckpt_path: Union[str, Path],
+    repo_id: str,
+    config: Optional[Union[str, Path]] = None,
+    private: bool = False,
+    revision: Optional[str] = None,
+    commit_message: Optional[str] = None,
+    eval_table: Optional[Union[str, Path, dict]] = None,
+    endpoint: Optional[str] = None,
+    license: Optional[str] = None,
+) -> "CommitInfo":
+    """Push a LoRA checkpoint's adapters to a Hub repo (created if missing); see :func:`push_command`.
+
+    Returns:
+        CommitInfo: the commit made (``oid``, ``commit_url``).
+    """
+    token = hub_token()
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    recipe = find_recipe(ckpt_path, config)
+    if isinstance(eval_table, (str, Path)):
+        eval_table = json.loads(Path(eval_table).read_text())
+    algorithm = (checkpoint.get("prefalign") or {}).get("algorithm") or "LoRA"
+    message = commit_message or f"prefalign: {algorithm} adapters from {Path(ckpt_path).name}"
+    with tempfile.TemporaryDirectory(prefix="prefalign-push-") as folder:
+        write_adapter(checkpoint, folder, recipe, eval_table, repo_id=repo_id, license=license)
+        repo_url, info = upload(folder, repo_id, token, message, private=private, revision=revision, endpoint=endpoint)
+    print(f"pushed {Path(ckpt_path).name} to {repo_url} (revision {revision or 'main'}): commit {info.oid}")
+    return info
+
+
+def push_command(
+    ckpt_path: str,
+    repo_id: str,
+    recipe: Optional[str] = None,
+    private: bool = False,
+    revision: Optional[str] = None,
+    commit_message: Optional[str] = None,
+    eval_table: Optional[str] = None,
+    endpoint: Optional[str] = None,
+    license: Optional[str] = None,
+) -> None:
+    """Push a LoRA checkpoint's adapters to the Hugging Face Hub.
+
+    The repo gets a peft adapter folder, the conditioning modules prefalign adds, the recipe and a model card.
+    Log in first (``hf auth login``) or set HF_TOKEN.
+
+    Args:
+        ckpt_path: a Lightning checkpoint of a LoRA run (e.g. ``runs/NAME/.../checkpoints/last.ckpt``).
+        repo_id: the model repo, ``owner/name``; created if missing.
+        recipe: the recipe (YAML config) to publish with it; default: the ``config.yaml`` saved in the run's log
+            folder (the checkpoint's ``checkpoints/`` folder's parent), if there is one. (Not ``--config``: that
+            option reads this command's own arguments from a file.)
+        private: create the repo as private (an existing repo keeps its visibility).
+        revision: the branch to commit to (created from ``main`` if missing); default ``main``.
+        commit_message: the commit's summary line.
+        eval_table: the JSON file ``prefalign test`` wrote, shown in the model card.
+        endpoint: the Hub's URL (default: HF_ENDPOINT or https://huggingface.co).
+        license: the license id for the model card's metadata, e.g. ``apache-2.0`` (the base model's terms apply).
+    """
+    push(ckpt_path, repo_id, recipe, private, revision, commit_message, eval_table, endpoint, license)
+
+
+def hub_token() -> str:
+    """The user's Hub token (HF_TOKEN or the login cache); never printed, logged or written by prefalign.
+    Raises when there is none, or when offline mode (HF_HUB_OFFLINE) forbids reaching the Hub."""
+    from huggingface_hub import constants, get_token
+
+    if constants.is_offline_mode():
+        raise RuntimeError("HF_HUB_OFFLINE is set: pushing to the Hub needs the network; unset it to push")
+    token = get_token()
+    if not token:
+        raise RuntimeError(NO_TOKEN)
+    return token
+
+
+def find_recipe(ckpt_path: Union[str, Path], config: Optional[Union[str, Path]] = None) -> Optional[str]:
+    """The recipe text: ``config`` if given, else the ``config.yaml`` LightningCLI saved next to ``checkpoints/``."""
+    if config is not None:
+        return Path(config).read_text()
+    ckpt_path = Path(ckpt_path)
+    saved = ckpt_path.parent.parent / "config.yaml"
+    return saved.read_text() if ckpt_path.parent.name == "checkpoints" and saved.is_file() else None
+
+
+def upload(
+    folder: Union[str, Path],
+    repo_id: str,
+    token: str,
+    commit_message: str,
+    private: bool = False,
+    revision: Optional[str] = None,
+    endpoint: Optional[str] = None,
+) -> tuple[str, "CommitInfo"]:
+    """Create the repo (and branch) if missing and commit the folder's files. Returns (repo URL, commit)."""
+    from huggingface_hub import HfApi
+
+    for path in Path(folder).iterdir():
+        if path.suffix in (".json", ".yaml", ".md") and token in path.read_text(errors="ignore"):
+            raise ValueError(f"{path.name} contains your Hugging Face token: not uploading it (check the recipe)")
+    api = HfApi(endpoint=endpoint, token=token)
+    repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision not in (None, "main"):
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=commit_message)
+    return str(repo_url), info
+
+
+# --- pushing during training ---------------------------------------------------------------------------------------
+class PushToHub(L.Callback):
+    """Pushes the run's LoRA adapters (with the new modules, the recipe and a model card) to a Hub repo during
+    training, so that a long run's progress can be tried or shared before it ends.
+
+    Uploads happen on rank zero between steps and block training while they run. A failed upload is logged as a
+    warning and training goes on; only the final upload (``at_end``) raises.
+
+    Args:
+        repo_id (str): the model repo, ``owner/name``; created if missing.
+        every_n_steps (int | None): push every this many optimizer steps; None: only at the end.
+        at_end (bool): push when training ends.
+        private (bool): create the repo as private.
+        revision (str | None): the branch to commit to (created if missing); default ``main``.
+        endpoint (str | None): the Hub's URL (default: HF_ENDPOINT or https://huggingface.co).
+    """
+
+    def __init__(
+        self,
+        repo_id: str,
+        every_n_steps: Optional[int] = None,
+        at_end: bool = True,
+        private: bool = False,
+        revision: Optional[str] = None,
+        endpoint: Optional[str] = None,
+    ):
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be a positive number of steps, got {every_n_steps}")
+        self.repo_id = repo_id
+        self.every_n_steps = every_n_steps
+        self.at_end = at_end
+        self.private = private
+        self.revision = revision
+        self.endpoint = endpoint
+        self._last_step: Optional[int] = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(pl_module, "lora", None) is None:
+            raise ValueError(
+                "PushToHub uploads LoRA adapters, but this run trains the full weights: set model.lora, or share the "
+                "weights with `prefalign export` after training"
+            )
+        hub_token()  # fail now rather than after hours of training
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps is None or step == 0 or step % self.every_n_steps or step == self._last_step:
+            return
+        self._last_step = step
+        self._push(trainer, pl_module, f"prefalign: adapters at step {step}", final=False)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at_end:
+            self._push(trainer, pl_module, f"prefalign: adapters at the end of training (step {trainer.global_step})",
+                       final=True)  # fmt: skip
+
+    def _push(self, trainer: L.Trainer, pl_module: L.LightningModule, message: str, final: bool) -> None:
+        # Every rank takes part: the strategy gathers sharded weights (FSDP) and the module's hook may filter.
+        checkpoint = {"state_dict": trainer.strategy.lightning_module_state_dict(), "global_step": trainer.global_step}
+        pl_module.on_save_checkpoint(checkpoint)
+        if not trainer.is_global_zero:
+            return
+        if "prefalign" not in checkpoint:
+            checkpoint = describe_live_run(pl_module, checkpoint)
+        saved = Path(trainer.log_dir or ".") / "config.yaml"
+        recipe = saved.read_text() if saved.is_file() else None
+        try:
+            with tempfile.TemporaryDirectory(prefix="prefalign-push-") as folder:
+                write_adapter(checkpoint, folder, recipe, repo_id=self.repo_id)
+                _, info = upload(folder, self.repo_id, hub_token(), message, private=self.private,
+                                 revision=self.revision, endpoint=self.endpoint)  # fmt: skip
+        except Exception as error:
+            if final:
+                raise
+            log.warning("PushToHub: pushing to %s at step %d failed, training goes on (%s: %s)",
+                        self.repo_id, trainer.global_step, type(error).__name__, error)  # fmt: skip
+            return
+        log.info("PushToHub: pushed step %d to %s: commit %s", trainer.global_step, self.repo_id, info.oid)
+
+
+def describe_live_run(module: Any, checkpoint: dict) -> dict:
+    """The ``prefalign`` entry and the trained tensors of a live LoRA ``AlignmentModule``, for modules whose
+    ``on_save_checkpoint`` does not write them."""
+    denoiser, settings = module.denoiser, module.lora
+    config = denoiser.backbone.peft_config["default"]
+    new_modules = list(denoiser.new_modules()) if settings.train_new_modules else []
+    kept = tuple(f"denoiser.{name}." for name in new_modules)
+    state = {
+        key: value
+        for key, value in checkpoint["state_dict"].items()
+        if (key.startswith("denoiser.backbone.") and ".lora_" in key) or key.startswith(kept)
+    }
+    meta = {
+        "lora": {
+            "rank": config.r,
+            "alpha": config.lora_alpha,
+            "dropout": config.lora_dropout,
+            "target_modules": sorted(config.target_modules),
+            "train_new_modules": settings.train_new_modules,
+        },
+        "algorithm": type(module.algorithm).__name__,
+        "base_model": getattr(denoiser, "base_model_id", None) or getattr(denoiser, "pretrained", None),
+        "denoiser": type(denoiser).__name__,
+    }
+    return {**checkpoint, "state_dict": state, "prefalign": meta}
+
+
+# --- loading -------------------------------------------------------------------------------------------------------
+def load_adapter(denoiser: "PortraitDenoiser", source: Union[str, Path], revision: Optional[str] = None) -> "LoraConfig":
+    """Put a pushed run's adapters and conditioning modules onto ``denoiser`` (built as in the run's recipe, with
+    the base weights).
+
+    Every tensor must find its place and every adapter and trained module must get its tensors; otherwise a
+    ``ValueError`` names the file. On an error the denoiser may be left half-loaded: build a fresh one.
+
+    Args:
+        denoiser (PortraitDenoiser): the denoiser to adapt; its backbone must not have LoRA adapters yet.
+        source (str | Path): a local folder written by :func:`write_adapter`, or a Hub repo id.
+        revision (str | None): the Hub branch, tag or commit (Hub repos only).
+
+    Returns:
+        LoraConfig: the adapters' peft config.
+    """
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    folder = _adapter_folder(source, revision)
+    config_path, weights_path, modules_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS, folder / MODULES
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: {source} is not a LoRA adapter folder written by prefalign")
+    config = LoraConfig.from_pretrained(str(folder))
+    description = _description(modules_path)
+    trained_on = description.get("denoiser")
+    if trained_on and trained_on != type(denoiser).__name__:
+        raise ValueError(f"{modules_path}: these adapters were trained on a {trained_on}, not a {type(denoiser).__name__}")
+    backbone = denoiser.backbone
+    if any(isinstance(module, BaseTunerLayer) for module in backbone.modules()):
+        raise ValueError("the denoiser's backbone already has LoRA adapters: load onto a freshly built denoiser")
+    try:
+        inject_adapter_in_model(config, backbone)
+    except ValueError as error:  # e.g. target modules that this backbone does not have
+        raise ValueError(f"{config_path} does not fit this backbone: {error}") from None
+    state = load_file(weights_path)
+    try:
+        result = set_peft_model_state_dict(backbone, state)
+    except RuntimeError as error:  # shape mismatches: torch lists every one, keep a few
+        mismatches = [line.strip() for line in str(error).splitlines() if "size mismatch" in line] or [str(error)]
+        raise ValueError(
+            f"{weights_path} does not fit this backbone (was it built as in the recipe?): {len(mismatches)} tensors "
+            f"have other shapes, e.g. {' '.join(mismatches[:2])}"
+        ) from None
+    missing = [key for key in result.missing_keys if ".lora_" in key]
+    if result.unexpected_keys or missing:
+        raise ValueError(
+            f"{weights_path} does not fit this backbone (was it built as in the recipe?): "
+            f"{len(result.unexpected_keys)} tensors match no adapter, e.g. {result.unexpected_keys[:3]}; "
+            f"{len(missing)} adapters have no tensor, e.g. {missing[:3]}"
+        )
+    if modules_path.is_file():
+        _load_modules(denoiser, load_file(modules_path), modules_path)
+    return config
+
+
+def _adapter_folder(source: Union[str, Path], revision: Optional[str]) -> Path:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    text = str(source)
+    if text.count("/") > 1 or text.startswith((".", "/", "~")) or path.suffix:
+        raise FileNotFoundError(f"no adapter folder at {source} (nor is it a Hub repo id, owner/name)")
+    from huggingface_hub import snapshot_download
+
+    allow = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODULES]
+    return Path(snapshot_download(text, revision=revision, allow_patterns=allow))
+
+
+def _description(modules_path: Path) -> dict:
+    if not modules_path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(modules_path), framework="pt") as handle:
+        return json.loads((handle.metadata() or {}).get("prefalign", "{}"))
+
+
+def _load_modules(denoiser: "PortraitDenoiser", tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Load the new modules' tensors: each module in the file gets all its tensors, with their shapes."""
+    own = denoiser.state_dict()
+    unexpected = [key for key in tensors if key not in own]
+    wrong = [f"{key} {tuple(tensors[key].shape)} vs {tuple(own[key].shape)}"
+             for key in tensors if key in own and tensors[key].shape != own[key].shape]  # fmt: skip
+    missing = []
+    for name, module in denoiser.new_modules().items():
+        keys = [f"{name}.{key}" for key in module.state_dict()]
+        if any(key in tensors for key in keys):
+            missing += [key for key in keys if key not in tensors]
+    if unexpected or wrong or missing:
+        raise ValueError(
+            f"{path} does not fit this denoiser (was it built as in the recipe?): "
+            + "; ".join(
+                f"{label}: {keys[:3]}"
+                for label, keys in (("not in the denoiser", unexpected), ("shapes differ", wrong), ("missing", missing))
+                if keys
+            )
+        )
+    denoiser.load_state_dict(tensors, strict=False)

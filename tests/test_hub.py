@@ -1,0 +1,304 @@
+"""Hub sharing: a LoRA checkpoint pushed to a loopback Hub comes back as the same model through peft and through our
+loader; the token stays out of files and output; PushToHub uploads during training; errors say what to do."""
+
+import json
+import logging
+import os
+import secrets
+import subprocess
+import sys
+
+import huggingface_hub.constants as hf_constants
+import lightning as L
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from huggingface_hub.errors import HfHubHTTPError
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors.torch import load_file
+
+from prefalign.cli import main
+from prefalign.data.datamodule import PortraitDataModule
+from prefalign.hub import (
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODULES, RECIPE, PushToHub, eval_markdown, load_adapter, push, write_adapter,
+)  # fmt: skip
+from prefalign.module import AlignmentModule, LoraSettings
+from prefalign.processes import FlowMatching
+
+from conftest import TINY_WAN, tiny_wan
+from hub_server import FakeHub
+
+RECIPE_TEXT = "model:\n  lora:\n    rank: 4\n    alpha: 8.0\ntrainer:\n  max_steps: 7\n"
+TABLE = {
+    "metrics": {"sync": {"mean": 0.8791, "std": 0.0123}, "identity": {"mean": 0.0226}, "jitter": 0.00666,
+                "broken": {"std": 1.0}},
+    "clips": [{"id": "a", "sync": 0.87}, {"id": "b", "sync": 0.89}],
+}  # fmt: skip
+
+
+def trained_module(**lora) -> AlignmentModule:
+    """A tiny LoRA module whose adapters and audio modules moved away from their start (as after training)."""
+    module = AlignmentModule(tiny_wan(), FlowMatching(), lora=LoraSettings(rank=4, alpha=8.0, **lora))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in module.trainable_parameters():
+            param.add_(0.2 * torch.randn(param.shape, generator=generator))
+    return module.eval()
+
+
+def lora_checkpoint(module: AlignmentModule, algorithm: str = "SFT", base_model=None, state_dict=None) -> dict:
+    """What ``AlignmentModule.on_save_checkpoint`` keeps of a LoRA run: the trained tensors (and the reference
+    snapshot's buffers), with the ``prefalign`` description."""
+    trained = {name for name, param in module.named_parameters() if param.requires_grad}
+    state = {key: value for key, value in (state_dict or module.state_dict()).items()
+             if key in trained or "lora_" in key or key.startswith("reference_snapshot.")}  # fmt: skip
+    settings = module.lora
+    lora = {"rank": settings.rank, "alpha": settings.alpha, "dropout": settings.dropout,
+            "target_modules": list(module.denoiser.default_lora_targets),
+            "train_new_modules": settings.train_new_modules}  # fmt: skip
+    meta = {"lora": lora, "algorithm": algorithm, "base_model": base_model, "denoiser": "WanDenoiser"}
+    return {"state_dict": state, "prefalign": meta, "global_step": 7}
+
+
+def fixed_inputs(module, batch):
+    x0 = module.denoiser.encode_video(batch["video"])
+    torch.manual_seed(1)
+    return torch.randn_like(x0), torch.full((x0.shape[0],), 400.0), module.denoiser.condition(batch)
+
+
+@pytest.fixture
+def token():
+    return f"hf_test{secrets.token_hex(16)}"
+
+
+@pytest.fixture
+def hub(token, monkeypatch, tmp_path):
+    """The loopback Hub, with huggingface_hub pointed at it: online, HF_TOKEN set, no login cache, no Xet (it
+    needs Xet's own storage service; without it huggingface_hub uploads through LFS)."""
+    with FakeHub(token=token) as server:
+        monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(hf_constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
+        monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+        monkeypatch.setenv("HF_TOKEN", token)
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        yield server
+
+
+def assert_no_token_under(folder, token):
+    for path in folder.rglob("*"):
+        if path.is_file():
+            assert token.encode() not in path.read_bytes(), f"the token leaked into {path}"
+
+
+def test_pushed_adapters_load_back_as_the_trained_model(hub, token, tmp_path, clip_batch, capsys, caplog):
+    caplog.set_level(logging.DEBUG)
+    module = trained_module()
+    run = tmp_path / "runs" / "demo"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save(lora_checkpoint(module), ckpt)
+    (run / "config.yaml").write_text(RECIPE_TEXT)  # what LightningCLI saves in the log folder
+
+    main(["push", "--ckpt_path", str(ckpt), "--repo_id", "alice/talking-lora"])
+
+    commit = hub.commits("alice/talking-lora")[-1]
+    out = capsys.readouterr()
+    assert f"{hub.url}/alice/talking-lora" in out.out and commit.oid in out.out
+    assert set(commit.files) == {".gitattributes", "README.md", ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODULES, RECIPE}
+    assert commit.lfs == {ADAPTER_WEIGHTS, MODULES}  # through the LFS batch API and a PUT each
+    assert sum(r.method == "PUT" for r in hub.requests) == 2
+    # Every API call carried the token (the client's anonymous agent-registry lookup aside); LFS storage gets none.
+    api_calls = [r for r in hub.requests if r.method != "PUT" and r.path != "/api/agent-harnesses"]
+    assert {r.authorization for r in api_calls} == {f"Bearer {token}"}
+    assert not any("xet" in r.path for r in hub.requests)
+    folder = hub.write_tree("alice/talking-lora", tmp_path / "pulled")
+    assert (folder / RECIPE).read_text() == RECIPE_TEXT
+    # peft's on-disk names: what PeftModel.save_pretrained writes for these adapters
+    saved = load_file(folder / ADAPTER_WEIGHTS)
+    assert set(saved) == {f"base_model.model.{key}" for key in get_peft_model_state_dict(module.denoiser.backbone)}
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 8.0)
+    assert sorted(config["target_modules"]) == sorted(module.denoiser.default_lora_targets)
+
+    x_t, t, cond = fixed_inputs(module, clip_batch)
+    bare = tiny_wan()
+    # peft alone, on the backbone: the same backbone prediction as the trained adapters give
+    adapted = tiny_wan()
+    adapted.backbone = PeftModel.from_pretrained(adapted.backbone, str(folder))
+    expected = module.denoiser.backbone_forward(x_t, t, cond)
+    torch.testing.assert_close(adapted.backbone_forward(x_t, t, cond), expected)
+    assert (expected - bare.backbone_forward(x_t, t, cond)).abs().max() > 1e-3  # the adapters do something
+    # our loader: adapters and the speech modules, the whole denoiser
+    loaded = tiny_wan()
+    load_adapter(loaded, folder)
+    expected = module.denoiser(x_t, t, cond)
+    torch.testing.assert_close(loaded(x_t, t, cond), expected)
+    assert (expected - adapted(x_t, t, cond)).abs().max() > 1e-3  # the audio modules do something too
+
+    for content in commit.files.values():
+        assert token.encode() not in content
+    assert_no_token_under(tmp_path, token)
+    assert token not in out.out + out.err and token not in caplog.text
+
+
+def test_push_from_the_shell_with_private_branch_message_recipe_and_table(hub, token, tmp_path, clip_batch):
+    """``prefalign push`` as a user runs it: HF_TOKEN and HF_ENDPOINT in the environment, options on the line."""
+    module = trained_module()
+    ckpt = tmp_path / "run.ckpt"
+    torch.save(lora_checkpoint(module), ckpt)
+    (tmp_path / "table.json").write_text(json.dumps(TABLE))
+    (tmp_path / "recipe.yaml").write_text(RECIPE_TEXT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf-home"),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "prefalign.cli", "push", "--ckpt_path", str(ckpt), "--repo_id", "alice/private-lora",
+         "--private", "true", "--revision", "exp-1", "--commit_message", "tiny run, step 7",
+         "--recipe", str(tmp_path / "recipe.yaml"), "--eval_table", str(tmp_path / "table.json")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert hub.repos["alice/private-lora"].private
+    head = hub.commits("alice/private-lora", "exp-1")[-1]
+    assert head.summary == "tiny run, step 7" and head.oid in done.stdout
+    assert ADAPTER_WEIGHTS not in hub.files("alice/private-lora", "main")  # the branch, not main
+    assert head.files[RECIPE].decode() == RECIPE_TEXT
+    assert "| sync | 0.8791 ± 0.012 |" in head.files["README.md"].decode()
+    assert token not in done.stdout + done.stderr
+    assert f"Bearer {token}" in {r.authorization for r in hub.requests}
+    assert_no_token_under(tmp_path, token)
+
+    loaded = tiny_wan()
+    load_adapter(loaded, "alice/private-lora", revision="exp-1")  # snapshot_download from the Hub
+    x_t, t, cond = fixed_inputs(module, clip_batch)
+    torch.testing.assert_close(loaded(x_t, t, cond), module.denoiser(x_t, t, cond))
+    with pytest.raises(HfHubHTTPError):
+        load_adapter(tiny_wan(), "alice/private-lora", revision="no-such-branch")
+
+
+def test_push_errors_say_what_to_do(hub, monkeypatch, tmp_path):
+    full = AlignmentModule(tiny_wan(), FlowMatching())
+    ckpt = tmp_path / "full.ckpt"
+    meta = {"lora": None, "algorithm": "SFT", "base_model": None, "denoiser": "WanDenoiser"}
+    torch.save({"state_dict": full.state_dict(), "prefalign": meta}, ckpt)
+    with pytest.raises(ValueError, match="full-weights checkpoint.*prefalign export"):
+        push(ckpt, "alice/full", endpoint=hub.url)
+
+    lora_ckpt = tmp_path / "lora.ckpt"
+    torch.save(lora_checkpoint(trained_module()), lora_ckpt)
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(RuntimeError, match="no Hugging Face token.*hf auth login.*HF_TOKEN"):
+        main(["push", "--ckpt_path", str(lora_ckpt), "--repo_id", "alice/lora"])
+    assert not hub.requests and not hub.repos
+
+
+def test_load_adapter_refuses_a_denoiser_it_does_not_fit(tmp_path):
+    folder = write_adapter(lora_checkpoint(trained_module()), tmp_path / "adapter")
+    with pytest.raises(ValueError, match="adapter_model.safetensors does not fit.*12 tensors match no adapter"):
+        load_adapter(tiny_wan(config={**TINY_WAN, "num_layers": 1}), folder)
+    with pytest.raises(ValueError, match="adapter_model.safetensors does not fit.*20 tensors have other shapes"):
+        load_adapter(tiny_wan(config={**TINY_WAN, "attention_head_dim": 8}), folder)
+    with pytest.raises(ValueError, match="prefalign_modules.safetensors does not fit.*not in the denoiser"):
+        load_adapter(tiny_wan(audio_encoder=None), folder)
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    (tmp_path / "other").mkdir()
+    for name in (ADAPTER_WEIGHTS, MODULES):
+        (tmp_path / "other" / name).write_bytes((folder / name).read_bytes())
+    (tmp_path / "other" / ADAPTER_CONFIG).write_text(json.dumps({**config, "target_modules": ["attn9.to_q"]}))
+    with pytest.raises(ValueError, match="adapter_config.json does not fit this backbone"):
+        load_adapter(tiny_wan(), tmp_path / "other")
+    adapted = tiny_wan()
+    load_adapter(adapted, folder)
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        load_adapter(adapted, folder)
+    with pytest.raises(FileNotFoundError, match="no adapter folder"):
+        load_adapter(tiny_wan(), tmp_path / "nowhere")
+
+
+def test_model_card_has_hub_metadata_loading_code_recipe_and_eval_table(tmp_path):
+    checkpoint = lora_checkpoint(trained_module(), "DiffusionDPO", base_model="Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    write_adapter(checkpoint, tmp_path, RECIPE_TEXT, TABLE, repo_id="alice/dpo-lora", license="apache-2.0")
+    card = ModelCard.load(tmp_path / "README.md")  # parsed as the Hub parses it
+    assert card.data.base_model == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    assert (card.data.library_name, card.data.license) == ("peft", "apache-2.0")
+    assert {"prefalign", "talking-head", "lora", "diffusiondpo"} <= set(card.data.tags)
+    text = card.text
+    assert "trained with **DiffusionDPO** in prefalign" in text and "for 7 optimizer steps" in text
+    assert 'load_adapter(denoiser, "alice/dpo-lora")' in text
+    assert 'PeftModel.from_pretrained(backbone, "alice/dpo-lora")' in text
+    for row in ("| sync | 0.8791 ± 0.012 |", "| identity | 0.0226 |", "| jitter | 0.00666 |"):
+        assert row in text
+    assert "broken" not in text and "On 2 held-out clips." in text
+    assert "```yaml\n" + RECIPE_TEXT + "```" in text
+    config = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    assert config["base_model_name_or_path"] == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+    # Without a table, a recipe or a base model: no such sections, and still valid metadata.
+    write_adapter(lora_checkpoint(trained_module()), tmp_path / "bare")
+    bare = ModelCard.load(tmp_path / "bare" / "README.md")
+    assert bare.data.base_model is None and "## Evaluation" not in bare.text and "## Recipe" not in bare.text
+    assert eval_markdown({"clips": []}) == "(no metrics in the evaluation table)"
+    assert "| sync | 0.5 |" in eval_markdown({"sync": 0.5})
+
+
+def fit(module, talkingshapes, callback, steps, root):
+    trainer = L.Trainer(
+        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, callbacks=[callback], default_root_dir=root,
+    )  # fmt: skip
+    data = PortraitDataModule(train=str(talkingshapes), batch_size=2, num_frames=17, val_fraction=0.0)
+    trainer.fit(module, datamodule=data)
+    return trainer
+
+
+def lora_module(cls=AlignmentModule) -> AlignmentModule:
+    return cls(tiny_wan(), FlowMatching(), lora=LoraSettings(rank=4),
+               optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))  # fmt: skip
+
+
+class CheckpointFormatModule(AlignmentModule):
+    """Writes what ``AlignmentModule.on_save_checkpoint`` writes for LoRA runs: the trained tensors and the
+    ``prefalign`` description (here with a base model id, to see that PushToHub took it from the hook)."""
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        written = lora_checkpoint(self, base_model="org/base", state_dict=checkpoint["state_dict"])
+        checkpoint.update(state_dict=written["state_dict"], prefalign=written["prefalign"])
+
+
+@pytest.mark.parametrize("hook", [False, True], ids=["described-by-the-callback", "described-by-the-module"])
+def test_push_to_hub_uploads_every_n_steps_and_at_the_end(hub, token, talkingshapes, tmp_path, clip_batch, caplog,
+                                                          hook):  # fmt: skip
+    module = lora_module(CheckpointFormatModule if hook else AlignmentModule)
+    fit(module, talkingshapes, PushToHub("alice/live", every_n_steps=2, endpoint=hub.url), steps=3, root=tmp_path)
+    commits = hub.commits("alice/live")[1:]  # after the Hub's initial commit
+    assert [c.summary for c in commits] == [
+        "prefalign: adapters at step 2", "prefalign: adapters at the end of training (step 3)",
+    ]  # fmt: skip
+    assert commits[0].files[ADAPTER_WEIGHTS] != commits[1].files[ADAPTER_WEIGHTS]  # training moved on
+    loaded = tiny_wan()
+    load_adapter(loaded, hub.write_tree("alice/live", tmp_path / "pulled"))
+    module.eval()
+    x_t, t, cond = fixed_inputs(module, clip_batch)
+    torch.testing.assert_close(loaded(x_t, t, cond), module.denoiser(x_t, t, cond))
+    card = commits[1].files["README.md"].decode()
+    assert "for 3 optimizer steps" in card
+    assert ("base_model: org/base" in card) == hook
+    assert_no_token_under(tmp_path, token)
+    assert token not in caplog.text
+
+
+def test_push_to_hub_failures_warn_while_training_and_raise_at_the_end(hub, token, talkingshapes, tmp_path, caplog):
+    hub.fail_commits = True
+    callback = PushToHub("alice/flaky", every_n_steps=1, endpoint=hub.url)
+    with pytest.raises(HfHubHTTPError):
+        fit(lora_module(), talkingshapes, callback, steps=2, root=tmp_path)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "PushToHub" in r.getMessage()]
+    assert len(warned) == 2 and all("alice/flaky" in message for message in warned)
+    assert "at step 1" in warned[0] and "at step 2" in warned[1]  # training went on after a failed upload
+    assert token not in caplog.text
+
+    with pytest.raises(ValueError, match="trains the full weights"):
+        fit(AlignmentModule(tiny_wan(), FlowMatching()), talkingshapes, PushToHub("alice/full"), steps=1, root=tmp_path)
