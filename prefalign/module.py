@@ -285,6 +285,12 @@ class AlignmentModule(L.LightningModule):
         if stage == "fit":
             self.algorithm.setup(self)
 
+    def on_fit_start(self) -> None:
+        if self.trainer.world_size > 1:
+            # seed_everything gives every rank the same seed: without this, all ranks would draw the same noise
+            # and timesteps for their different clips. (A resume restores each rank's own state at its first step.)
+            torch.manual_seed(torch.initial_seed() + self.trainer.global_rank)
+
     def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
         if self._resume_rng is not None:  # the first step after a resume draws what the first run drew next
             checkpoints.set_rng_state(self._resume_rng)

@@ -47,7 +47,7 @@ class LossLog(L.Callback):
             handle.write(f"{trainer.global_step} {loss!r}\n")
 
 
-def recipe(tmp_path: Path, data: Path, algorithm: dict, lora: bool, max_steps: int) -> Path:
+def recipe(tmp_path: Path, data: Path, algorithm: dict, lora: bool, max_steps: int, keep_all: bool = False) -> Path:
     config = {
         "seed_everything": 0,
         "trainer": {
@@ -64,7 +64,7 @@ def recipe(tmp_path: Path, data: Path, algorithm: dict, lora: bool, max_steps: i
                 {
                     "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                     "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 3, "save_last": True,
-                                  "save_top_k": 0},
+                                  "save_top_k": -1 if keep_all else 0},
                 },
             ],
         },
@@ -93,8 +93,8 @@ def recipe(tmp_path: Path, data: Path, algorithm: dict, lora: bool, max_steps: i
     return path
 
 
-def fit(config: Path, losses: Path, *extra: str) -> subprocess.CompletedProcess:
-    callbacks = f"[{{class_path: test_checkpoints.LossLog, init_args: {{path: {losses}}}}}]"
+def fit(config: Path, losses: Path, *extra: str, log: str = "test_checkpoints.LossLog") -> subprocess.CompletedProcess:
+    callbacks = f"[{{class_path: {log}, init_args: {{path: {losses}}}}}]"
     env = dict(os.environ, PYTHONPATH=str(TESTS), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     command = [PREFALIGN, "fit", "--config", str(config), "--trainer.callbacks+", callbacks, *extra]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)

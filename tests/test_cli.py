@@ -11,7 +11,8 @@ import yaml
 from prefalign.cli import main
 
 ROOT = Path(__file__).parents[1]
-RECIPES = sorted(ROOT.joinpath("recipes").rglob("*.yaml"))
+RECIPES = sorted(r for r in ROOT.joinpath("recipes").rglob("*.yaml") if r.parent.name != "cluster")
+OVERLAYS = sorted(ROOT.joinpath("recipes", "cluster").glob("*.yaml"))
 DEMO = ROOT / "recipes" / "demo" / "sft.yaml"
 
 
@@ -132,7 +133,9 @@ def test_export_writes_init_weights(talkingshapes, tmp_path, monkeypatch):
     assert not any(key.startswith("codec.") for key in weights)
 
 
-@pytest.mark.parametrize("recipe", ["dpo_hallo4.yaml", "sft_wan_i2v.yaml", "grpo_flowportrait.yaml", "refree_s2v.yaml"])
+@pytest.mark.parametrize(
+    "recipe", ["dpo_hallo4.yaml", "sft_wan_i2v.yaml", "grpo_flowportrait.yaml", "refree_s2v.yaml", "cluster/fsdp.yaml"]
+)
 def test_real_scale_strategy_resolves_its_wrap_policy(recipe):
     """The FSDP strategy of the multi-GPU recipes instantiates, with the Wan block class as its wrap unit."""
     from jsonargparse import ArgumentParser
@@ -145,3 +148,30 @@ def test_real_scale_strategy_resolves_its_wrap_policy(recipe):
     assert isinstance(strategy, FSDPStrategy)
     policy = strategy.kwargs["auto_wrap_policy"]
     assert {cls.__name__ for cls in policy._module_classes} == {"WanTransformerBlock"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=[o.name for o in OVERLAYS])
+def test_cluster_overlays_merge_over_a_recipe(overlay, capsys):
+    """``--config RECIPE --config OVERLAY``: the overlay's trainer keys win, the recipe's model stays."""
+    base = ROOT / "recipes" / "dpo_hallo4.yaml"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(base), "--config", str(overlay), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    expected = yaml.safe_load(overlay.read_text())["trainer"]
+    for key, value in expected.items():
+        if key == "strategy":
+            assert printed["trainer"]["strategy"]["class_path"] == value["class_path"]
+        else:
+            assert printed["trainer"][key] == value
+    assert printed["model"]["algorithm"]["class_path"] == "prefalign.algorithms.DiffusionDPO"
+
+
+@pytest.mark.parametrize("script", ["slurm.sbatch", "torchrun.sh"])
+def test_cluster_launch_scripts_are_valid_bash_naming_real_files(script):
+    import re
+    import subprocess
+
+    path = ROOT / "recipes" / "cluster" / script
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    for name in re.findall(r"recipes/[\w/]+\.yaml", path.read_text()):
+        assert (ROOT / name).exists(), name

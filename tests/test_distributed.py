@@ -1,0 +1,74 @@
+"""Two-process DDP on CPU (gloo), launched the way a user launches it: ``prefalign fit --trainer.strategy ddp``.
+
+Each rank trains on its own clips, the ranks end with the same weights, the LoRA reference works on every rank,
+and a run resumed from a checkpoint repeats every rank's losses exactly.
+"""
+
+import hashlib
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from test_checkpoints import CASES, fit, pairs, recipe  # noqa: F401 (pairs: a fixture)
+
+DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
+
+
+class RankLog(L.Callback):
+    """Per rank, a jsonl line per step (its loss and clip ids) and at the end a digest of the trained weights."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def write(self, trainer, record: dict) -> None:
+        with open(f"{self.path}.rank{trainer.global_rank}", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = trainer.callback_metrics["train/loss"].item()
+        self.write(trainer, {"step": trainer.global_step, "loss": repr(loss), "ids": batch["id"]})
+
+    def on_fit_end(self, trainer, pl_module):
+        digest = hashlib.sha256()
+        for name, param in sorted(pl_module.named_parameters()):
+            if param.requires_grad:
+                digest.update(name.encode() + param.detach().cpu().numpy().tobytes())
+        self.write(trainer, {"weights": digest.hexdigest()})
+
+
+def read(path) -> tuple[dict[int, dict], str]:
+    lines = [json.loads(line) for line in open(path)]
+    return {line["step"]: line for line in lines if "step" in line}, lines[-1].get("weights")
+
+
+@pytest.mark.parametrize("case", ["sft-full", "dpo-lora-online"])
+def test_two_process_ddp_fit_and_resume(case, tmp_path, talkingshapes, request):
+    algorithm, lora = CASES[case]
+    data = request.getfixturevalue("pairs") if case.startswith("dpo") else talkingshapes
+    steps = 7
+    config = recipe(tmp_path, data, algorithm, lora, steps, keep_all=True)
+    log = "test_distributed.RankLog"
+    result = fit(config, tmp_path / "whole", *DDP, log=log)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [read(tmp_path / f"whole.rank{r}") for r in range(2)]
+    for steps_of_rank, _ in ranks:
+        assert sorted(steps_of_rank) == list(range(1, steps + 1))
+        assert all(torch.isfinite(torch.tensor(float(s["loss"]))) for s in steps_of_rank.values())
+    for step in range(1, steps + 1):  # DistributedSampler's shards: the ranks see different clips
+        assert not set(ranks[0][0][step]["ids"]) & set(ranks[1][0][step]["ids"])
+    assert ranks[0][1] == ranks[1][1]  # gradients were averaged: identical weights on both ranks
+
+    checkpoint = next((tmp_path / "ckpt").glob("*step=3.ckpt"))
+    saved = torch.load(checkpoint, weights_only=True)
+    assert len(saved["rng_states"]) == 2 and len(saved["algorithm_states"]) == 2
+    assert not torch.equal(saved["rng_states"][0]["torch"], saved["rng_states"][1]["torch"])  # own noise per rank
+
+    result = fit(config, tmp_path / "resumed", *DDP, "--ckpt_path", str(checkpoint), log=log)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in range(2):
+        resumed, weights = read(tmp_path / f"resumed.rank{rank}")
+        assert sorted(resumed) == list(range(4, steps + 1))
+        assert {s: resumed[s]["loss"] for s in resumed} == {s: ranks[rank][0][s]["loss"] for s in resumed}
+        assert weights == ranks[rank][1]
