@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import tempfile
 from pathlib import Path
@@ -32,7 +33,7 @@ CARD = "README.md"
 #: How peft names adapter tensors on disk (``PeftModel.save_pretrained``): the wrapped model's prefix, no adapter name.
 PEFT_PREFIX = "base_model.model."
 NO_TOKEN = (
-    "no Hugging Face token found: log in with `hf auth login` (or `huggingface-cli login`), or set the HF_TOKEN "
+    "no Hugging Face token found: log in with `hf auth login`, or set the HF_TOKEN "
     "environment variable to a token with write access (https://huggingface.co/settings/tokens)"
 )
 
@@ -65,18 +66,18 @@ def write_adapter(
     Returns:
         Path: the folder.
     """
-    meta = checkpoint.get("prefalign")
+    meta, state = checkpoint.get("prefalign"), checkpoint["state_dict"]
+    if (meta is not None and meta.get("lora") is None) or not any(".lora_" in key for key in state):
+        raise ValueError(
+            "this is a full-weights checkpoint: it has no LoRA adapters to push. Write its denoiser weights with "
+            "`prefalign export --ckpt_path CKPT --out weights.safetensors` and share that file instead"
+        )
     if meta is None:
         raise ValueError(
             "this checkpoint has no 'prefalign' entry describing the run (it was not saved by prefalign's "
             "AlignmentModule, or by an older version): cannot tell its LoRA settings"
         )
-    adapter, modules = split_trained_tensors(checkpoint["state_dict"])
-    if meta.get("lora") is None or not adapter:
-        raise ValueError(
-            "this is a full-weights checkpoint: it has no LoRA adapters to push. Write its denoiser weights with "
-            "`prefalign export --ckpt_path CKPT --out weights.safetensors` and share that file instead"
-        )
+    adapter, modules = split_trained_tensors(state)
     lora = meta["lora"]
     config = lora_config(lora, meta.get("base_model"))
     folder = Path(folder)
@@ -145,7 +146,9 @@ def lora_config(lora: dict, base_model: Optional[str] = None) -> "LoraConfig":
 
 def peft_config_dict(config: "LoraConfig") -> dict:
     """``config.to_dict()`` as peft writes it to ``adapter_config.json`` (sets as lists, enums as their values)."""
-    return json.loads(json.dumps(config.to_dict(), default=lambda value: sorted(value) if isinstance(value, set) else str(value)))
+    return json.loads(
+        json.dumps(config.to_dict(), default=lambda value: sorted(value) if isinstance(value, set) else str(value))
+    )
 
 
 # --- the model card ------------------------------------------------------------------------------------------------
@@ -216,7 +219,11 @@ def eval_markdown(table: dict) -> str:
         mean, std = (value.get("mean"), value.get("std")) if isinstance(value, dict) else (value, None)
         if not isinstance(mean, (int, float)):
             continue
-        rows.append(f"| {name} | {mean:.4g}" + (f" ± {std:.2g}" if isinstance(std, (int, float)) else "") + " |")
+        if math.isnan(mean):  # no clip gave a value
+            rows.append(f"| {name} | n/a |")
+            continue
+        spread = f" ± {std:.2g}" if isinstance(std, (int, float)) and not math.isnan(std) else ""
+        rows.append(f"| {name} | {mean:.4g}{spread} |")
     if len(rows) == 2:
         return "(no metrics in the evaluation table)"
     clips = table.get("clips")
@@ -237,7 +244,10 @@ def push(
     endpoint: Optional[str] = None,
     license: Optional[str] = None,
 ) -> "CommitInfo":
-    """Push a LoRA checkpoint's adapters to a Hub repo (created if missing); see :func:`push_command`.
+    """Push a LoRA checkpoint's adapters to a Hub repo (created if missing) and print the repo URL and commit.
+
+    The arguments are :func:`push_command`'s, with ``config`` for its ``recipe``; ``eval_table`` may also be the
+    table itself (a dict).
 
     Returns:
         CommitInfo: the commit made (``oid``, ``commit_url``).
@@ -433,7 +443,7 @@ def describe_live_run(module: Any, checkpoint: dict) -> dict:
             "target_modules": sorted(config.target_modules),
             "train_new_modules": settings.train_new_modules,
         },
-        "algorithm": type(module.algorithm).__name__,
+        "algorithm": getattr(module.algorithm, "name", type(module.algorithm).__name__),
         "base_model": getattr(denoiser, "base_model_id", None) or getattr(denoiser, "pretrained", None),
         "denoiser": type(denoiser).__name__,
     }
@@ -441,12 +451,15 @@ def describe_live_run(module: Any, checkpoint: dict) -> dict:
 
 
 # --- loading -------------------------------------------------------------------------------------------------------
-def load_adapter(denoiser: "PortraitDenoiser", source: Union[str, Path], revision: Optional[str] = None) -> "LoraConfig":
+def load_adapter(
+    denoiser: "PortraitDenoiser", source: Union[str, Path], revision: Optional[str] = None
+) -> "LoraConfig":
     """Put a pushed run's adapters and conditioning modules onto ``denoiser`` (built as in the run's recipe, with
     the base weights).
 
     Every tensor must find its place and every adapter and trained module must get its tensors; otherwise a
-    ``ValueError`` names the file. On an error the denoiser may be left half-loaded: build a fresh one.
+    ``ValueError`` names the file. A plain peft folder (no ``prefalign_modules.safetensors``) adapts the backbone
+    only. On an error the denoiser may be left half-loaded: build a fresh one.
 
     Args:
         denoiser (PortraitDenoiser): the denoiser to adapt; its backbone must not have LoRA adapters yet.
@@ -468,7 +481,9 @@ def load_adapter(denoiser: "PortraitDenoiser", source: Union[str, Path], revisio
     description = _description(modules_path)
     trained_on = description.get("denoiser")
     if trained_on and trained_on != type(denoiser).__name__:
-        raise ValueError(f"{modules_path}: these adapters were trained on a {trained_on}, not a {type(denoiser).__name__}")
+        raise ValueError(
+            f"{modules_path}: these adapters were trained on a {trained_on}, not a {type(denoiser).__name__}"
+        )
     backbone = denoiser.backbone
     if any(isinstance(module, BaseTunerLayer) for module in backbone.modules()):
         raise ValueError("the denoiser's backbone already has LoRA adapters: load onto a freshly built denoiser")

@@ -74,6 +74,10 @@ class AlignmentModule(L.LightningModule):
         lora (LoraSettings | None): train LoRA adapters (peft) instead of the full weights.
         init_weights (str | None): a safetensors file of denoiser weights to start from (e.g. the demo base
             checkpoint ``data/base/talkingshapes_base.safetensors``); loaded before LoRA is added.
+        init_adapter (str | None): LoRA adapters to start from: a folder written by ``prefalign push`` or the Hub
+            repo it went to (``hub.load_adapter``). Their rank, alpha and targets become the run's LoRA settings (a
+            ``lora`` section, if given too, must agree); they are then sampled, evaluated or trained further, with
+            the loaded model as the reference policy.
         optimizer (OptimizerCallable): the optimizer, built on the trainable parameters.
         lr_scheduler (LRSchedulerCallable | None): a scheduler stepped every optimizer step.
         sampling (SamplingSettings): sampling for validation metrics and ``predict``.
@@ -90,6 +94,7 @@ class AlignmentModule(L.LightningModule):
         algorithm: Optional[Algorithm] = None,
         lora: Optional[LoraSettings] = None,
         init_weights: Optional[str] = None,
+        init_adapter: Optional[str] = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         sampling: SamplingSettings = SamplingSettings(),
@@ -108,7 +113,10 @@ class AlignmentModule(L.LightningModule):
         self.evaluation_dir = evaluation_dir
         if init_weights is not None:
             load_denoiser_weights(denoiser, init_weights)
-        if lora is not None:
+        if init_adapter is not None:
+            self.lora = self._load_adapter(init_adapter, lora)
+            self.refresh_reference()  # the reference is the model as loaded, adapters included
+        elif lora is not None:
             self._add_lora(lora)
         self._reference: Optional[PortraitDenoiser] = None
         self.automatic_optimization = not self.algorithm.manual_optimization
@@ -128,6 +136,33 @@ class AlignmentModule(L.LightningModule):
             target_modules=list(settings.target_modules or self.denoiser.default_lora_targets),
         )
         inject_adapter_in_model(config, backbone)
+        self._train_adapters(settings)
+
+    def _load_adapter(self, source: str, lora: Optional[LoraSettings]) -> LoraSettings:
+        from prefalign.hub import load_adapter
+
+        config = load_adapter(self.denoiser, source)
+        settings = LoraSettings(
+            rank=config.r,
+            alpha=config.lora_alpha,
+            dropout=config.lora_dropout,
+            target_modules=sorted(config.target_modules),
+            train_new_modules=lora.train_new_modules if lora is not None else True,
+        )
+        if lora is not None:
+            targets = sorted(lora.target_modules or self.denoiser.default_lora_targets)
+            given = (lora.rank, lora.alpha if lora.alpha is not None else lora.rank, targets)
+            if given != (settings.rank, settings.alpha, settings.target_modules):
+                raise ValueError(
+                    f"model.lora (rank {given[0]}, alpha {given[1]}, targets {given[2]}) disagrees with the adapters "
+                    f"of {source} (rank {settings.rank}, alpha {settings.alpha}, targets {settings.target_modules})"
+                )
+        self._train_adapters(settings)
+        return settings
+
+    def _train_adapters(self, settings: LoraSettings) -> None:
+        """Freeze the base, train the adapters (and the new modules, if so set), snapshot the start for reference()."""
+        backbone = self.denoiser.backbone
         for name, param in backbone.named_parameters():
             param.requires_grad_("lora_" in name)
         for module in self.denoiser.new_modules().values():

@@ -262,7 +262,11 @@ def _handler(hub: FakeHub):
             else:
                 return self._send(404, {"error": f"the fake Hub does not serve {method} {url.path}"})
             args = {key: unquote(value) for key, value in match.groupdict().items() if value is not None}
-            if name != "lfs_put" and hub.token is not None and self.headers.get("Authorization") != f"Bearer {hub.token}":
+            if (
+                name != "lfs_put"
+                and hub.token is not None
+                and self.headers.get("Authorization") != f"Bearer {hub.token}"
+            ):
                 return self._send(401, {"error": "Invalid credentials in Authorization header"})
             with hub._lock:
                 getattr(self, f"_{name}")(body, parse_qs(url.query), **args)

@@ -3,6 +3,7 @@ loader; the token stays out of files and output; PushToHub uploads during traini
 
 import json
 import logging
+import math
 import os
 import secrets
 import subprocess
@@ -15,6 +16,7 @@ import torch
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 from peft import PeftModel, get_peft_model_state_dict
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file
 
 from prefalign.cli import main
@@ -79,7 +81,9 @@ def hub(token, monkeypatch, tmp_path):
         monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
         monkeypatch.setattr(hf_constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(
+            hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
         monkeypatch.setattr(hf_constants, "HF_TOKEN_PATH", str(tmp_path / "no-login" / "token"))
         monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
         monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
@@ -192,6 +196,9 @@ def test_push_errors_say_what_to_do(hub, monkeypatch, tmp_path):
     monkeypatch.delenv("HF_TOKEN")
     with pytest.raises(RuntimeError, match="no Hugging Face token.*hf auth login.*HF_TOKEN"):
         main(["push", "--ckpt_path", str(lora_ckpt), "--repo_id", "alice/lora"])
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE is set"):
+        push(lora_ckpt, "alice/lora")
     assert not hub.requests and not hub.repos
 
 
@@ -236,12 +243,15 @@ def test_model_card_has_hub_metadata_loading_code_recipe_and_eval_table(tmp_path
     config = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
     assert config["base_model_name_or_path"] == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
-    # Without a table, a recipe or a base model: no such sections, and still valid metadata.
-    write_adapter(lora_checkpoint(trained_module()), tmp_path / "bare")
+    # Without a table, a recipe, a base model or trained new modules: no such sections, and still valid metadata.
+    write_adapter(lora_checkpoint(trained_module(train_new_modules=False)), tmp_path / "bare")
     bare = ModelCard.load(tmp_path / "bare" / "README.md")
     assert bare.data.base_model is None and "## Evaluation" not in bare.text and "## Recipe" not in bare.text
+    assert "not trained in this run" in bare.text and load_file(tmp_path / "bare" / MODULES) == {}
+    load_adapter(tiny_wan(), tmp_path / "bare")  # the new modules keep the values the recipe builds them with
     assert eval_markdown({"clips": []}) == "(no metrics in the evaluation table)"
     assert "| sync | 0.5 |" in eval_markdown({"sync": 0.5})
+    assert "| lpips | n/a |" in eval_markdown({"metrics": {"lpips": {"mean": math.nan, "std": math.nan, "count": 0}}})
 
 
 def fit(module, talkingshapes, callback, steps, root):
@@ -259,20 +269,19 @@ def lora_module(cls=AlignmentModule) -> AlignmentModule:
                optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))  # fmt: skip
 
 
-class CheckpointFormatModule(AlignmentModule):
-    """Writes what ``AlignmentModule.on_save_checkpoint`` writes for LoRA runs: the trained tensors and the
-    ``prefalign`` description (here with a base model id, to see that PushToHub took it from the hook)."""
+class UndescribedModule(AlignmentModule):
+    """A module whose checkpoints carry no ``prefalign`` description (and all tensors): PushToHub describes the run
+    and picks the trained tensors itself."""
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        written = lora_checkpoint(self, base_model="org/base", state_dict=checkpoint["state_dict"])
-        checkpoint.update(state_dict=written["state_dict"], prefalign=written["prefalign"])
+        pass
 
 
-@pytest.mark.parametrize("hook", [False, True], ids=["described-by-the-callback", "described-by-the-module"])
+@pytest.mark.parametrize("cls", [AlignmentModule, UndescribedModule], ids=["module-describes", "callback-describes"])
 def test_push_to_hub_uploads_every_n_steps_and_at_the_end(hub, token, talkingshapes, tmp_path, clip_batch, caplog,
-                                                          hook):  # fmt: skip
-    module = lora_module(CheckpointFormatModule if hook else AlignmentModule)
-    fit(module, talkingshapes, PushToHub("alice/live", every_n_steps=2, endpoint=hub.url), steps=3, root=tmp_path)
+                                                          cls):  # fmt: skip
+    module = lora_module(cls)
+    trainer = fit(module, talkingshapes, PushToHub("alice/live", every_n_steps=2, endpoint=hub.url), 3, tmp_path)
     commits = hub.commits("alice/live")[1:]  # after the Hub's initial commit
     assert [c.summary for c in commits] == [
         "prefalign: adapters at step 2", "prefalign: adapters at the end of training (step 3)",
@@ -283,9 +292,13 @@ def test_push_to_hub_uploads_every_n_steps_and_at_the_end(hub, token, talkingsha
     module.eval()
     x_t, t, cond = fixed_inputs(module, clip_batch)
     torch.testing.assert_close(loaded(x_t, t, cond), module.denoiser(x_t, t, cond))
-    card = commits[1].files["README.md"].decode()
-    assert "for 3 optimizer steps" in card
-    assert ("base_model: org/base" in card) == hook
+    assert "for 3 optimizer steps" in commits[1].files["README.md"].decode()
+    if cls is AlignmentModule:  # the checkpoint file Lightning writes for the run pushes the same tensors
+        trainer.save_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+        push(tmp_path / "run" / "checkpoints" / "last.ckpt", "alice/from-file", endpoint=hub.url)
+        for name in (ADAPTER_WEIGHTS, MODULES):
+            pushed, live = (safetensors_load(hub.files(repo)[name]) for repo in ("alice/from-file", "alice/live"))
+            assert pushed.keys() == live.keys() and all(torch.equal(pushed[k], live[k]) for k in live)
     assert_no_token_under(tmp_path, token)
     assert token not in caplog.text
 
@@ -302,3 +315,20 @@ def test_push_to_hub_failures_warn_while_training_and_raise_at_the_end(hub, toke
 
     with pytest.raises(ValueError, match="trains the full weights"):
         fit(AlignmentModule(tiny_wan(), FlowMatching()), talkingshapes, PushToHub("alice/full"), steps=1, root=tmp_path)
+
+
+def test_init_adapter_rebuilds_the_run_with_the_loaded_model_as_reference(tmp_path, clip_batch):
+    """``model.init_adapter``: the pushed folder becomes a module to sample, evaluate or train further."""
+    trained = trained_module()
+    folder = write_adapter(lora_checkpoint(trained), tmp_path / "adapter")
+    loaded = AlignmentModule(tiny_wan(), FlowMatching(), init_adapter=str(folder)).eval()
+    assert (loaded.lora.rank, loaded.lora.alpha) == (4, 8.0)
+    noise, t, cond = fixed_inputs(trained, clip_batch)
+    expected = trained.denoiser(noise, t, cond)
+    torch.testing.assert_close(loaded.denoiser(noise, t, cond), expected, rtol=0, atol=0)
+    with loaded.reference() as reference:  # the reference is the loaded model, not the bare base
+        torch.testing.assert_close(reference(noise, t, cond), expected, rtol=0, atol=0)
+    trainable = {name for name, param in loaded.named_parameters() if param.requires_grad}
+    assert trainable and all("lora_" in name or "audio_conditioning" in name for name in trainable)
+    with pytest.raises(ValueError, match="disagrees with the adapters"):
+        AlignmentModule(tiny_wan(), FlowMatching(), init_adapter=str(folder), lora=LoraSettings(rank=8))
