@@ -254,7 +254,8 @@ class AlignmentModule(L.LightningModule):
     def trained_checkpoint(self) -> dict:
         """A checkpoint's model part: the trained tensors (LoRA adapters and new modules under LoRA, the denoiser
         without its frozen codec and audio encoder under full fine-tuning, reference snapshots) and the run's
-        description. What ``on_save_checkpoint`` keeps and ``PushToHub`` uploads; no collective calls."""
+        description: what ``on_save_checkpoint`` keeps, without the collective calls (random and algorithm states of
+        every rank), so that one process can call it (benchmarks, tools). Under FSDP use the strategy's state dict."""
         return {
             "state_dict": checkpoints.drop_frozen(self.state_dict(), self),
             "prefalign": checkpoints.run_metadata(self),
@@ -373,9 +374,25 @@ class AlignmentModule(L.LightningModule):
         for name, value in scores.items():  # nanmean: a judge's dropped clips are NaN
             self.log(f"val/{name}", value.float().nanmean(), prog_bar=name == "sync", batch_size=batch_size)
         if batch_idx == 0 and self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            grid = evaluation.sample_grid(video[:4].cpu(), references=batch["reference"][:4].cpu(),
-                                          targets=batch["video"][:4].cpu(), labels=batch["id"][:4])
-            log_image(self.trainer.loggers, "val/samples", grid, self.global_step)
+            self.log_samples(video[:4], {k: v[:4] for k, v in batch.items() if k in ("id", "reference", "video", "audio")})
+
+    def log_samples(self, video: torch.Tensor, batch: dict) -> None:
+        """Validation samples: a grid image to the loggers that take pictures, and the videos (with their audio)
+        as mp4 files in ``samples/step_N/`` of the log folder."""
+        grid = evaluation.sample_grid(video.cpu(), references=batch["reference"].cpu(), targets=batch["video"].cpu(),
+                                      labels=batch["id"])
+        log_image(self.trainer.loggers, "val/samples", grid, self.global_step)
+        if self.trainer.log_dir is None:
+            return
+        self.write_videos(Path(self.trainer.log_dir) / "samples" / f"step_{self.global_step:06d}", video, batch)
+
+    def write_videos(self, folder: Path, video: torch.Tensor, batch: dict) -> None:
+        """``{folder}/{id}.mp4`` for every video ``[B, T, 3, H, W]`` of the batch, with its audio track."""
+        folder.mkdir(parents=True, exist_ok=True)
+        frames = (video.permute(0, 1, 3, 4, 2).float().cpu() * 255).round().byte().numpy()
+        for index, clip_id in enumerate(batch["id"]):
+            media.write_video(folder / f"{clip_id}.mp4", frames[index], self.denoiser.fps,
+                              audio=batch["audio"][index].float().cpu().numpy(), sample_rate=self.sample_rate)
 
     # --- evaluation: prefalign test ---------------------------------------------------------------------------------
     def on_test_epoch_start(self) -> None:
@@ -390,12 +407,7 @@ class AlignmentModule(L.LightningModule):
         video = self.generate(batch, num_frames=num_frames)
         self._test_table.add(batch["id"], self.score_videos(video, batch))
         out = self.evaluation_folder()
-        frames = (video.permute(0, 1, 3, 4, 2).float().cpu() * 255).round().byte().numpy()
-        (out / "videos").mkdir(parents=True, exist_ok=True)
-        for index, clip_id in enumerate(batch["id"]):
-            audio = batch["audio"][index].float().cpu().numpy()
-            media.write_video(out / "videos" / f"{clip_id}.mp4", frames[index], self.denoiser.fps, audio=audio,
-                              sample_rate=self.sample_rate)
+        self.write_videos(out / "videos", video, batch)
         if batch_idx == 0 and self.trainer.is_global_zero:
             evaluation.sample_grid(video[:8].cpu(), out / "samples.png", references=batch["reference"][:8].cpu(),
                                    targets=batch["video"][:8].cpu() if "video" in batch else None,

@@ -11,6 +11,7 @@ from prefalign.data import media
 from prefalign.data.datamodule import PortraitDataModule, collate_clips
 from prefalign.data.errors import DataError
 from prefalign.data.schema import load_manifest
+from prefalign.data.synthetic import write_dataset
 
 
 def rows(manifest):
@@ -174,3 +175,37 @@ def test_conditions_without_video_for_predict(bad_dir):
     record = {"id": "talk", "audio": records[0]["audio"], "reference": records[0]["reference"]}
     item = load_first(write_manifest(root / "m.jsonl", [record]))
     assert item["num_frames"] == 17 and item["audio"].shape[0] == 17 * 640 and "video" not in item
+
+
+def test_a_fit_with_bad_clips_logs_the_count_and_a_summary_by_shard(tmp_path, caplog):
+    """on_bad_sample: skip during fit: the bad clips never reach a step, each epoch's skips are summed by shard."""
+    import logging
+
+    import lightning as L
+
+    from prefalign.module import AlignmentModule
+    from prefalign.processes import FlowMatching
+
+    from conftest import tiny_wan
+
+    manifest = write_dataset(tmp_path / "data", num_clips=6, seed=2)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    (manifest.parent / rows[0]["video"]).write_bytes(b"not a video")
+    (manifest.parent / rows[3]["pose"]).write_bytes(b"garbage")
+    seen = []
+
+    class Seen(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.extend(batch["id"])
+
+    dm = PortraitDataModule(train=str(manifest), val_fraction=0.0, batch_size=2, num_frames=9, on_bad_sample="skip")
+    module = AlignmentModule(tiny_wan(), FlowMatching())
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, callbacks=[Seen()])
+    with caplog.at_level(logging.WARNING, logger="prefalign"):
+        trainer.fit(module, datamodule=dm)
+    assert rows[0]["id"] not in seen and rows[3]["id"] not in seen and len(seen) == 2 * 4
+    summaries = [r.getMessage() for r in caplog.records if "samples skipped" in r.getMessage()]
+    assert len(summaries) == 2  # one per epoch
+    assert summaries[0].startswith("train epoch 0: 2 samples skipped") and str(manifest) in summaries[0]
+    assert "video:" in summaries[0] and "pose:" in summaries[0]

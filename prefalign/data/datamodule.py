@@ -29,19 +29,20 @@ def read_pose(path: str, field: str = "pose") -> np.ndarray:
         raise DataError("pose must be a .npy or .json file", path=path, field=field)
     media.check_file(path, field)
     try:
-        if path.endswith(".npy"):
-            pose = np.load(path, allow_pickle=False)
-        else:
-            with open(path, "rb") as handle:
+        with open(path, "rb") as handle:
+            if path.endswith(".json"):
                 pose = np.asarray(json.load(handle))
-    # Any error: np.load parses a damaged header as a Python literal (SyntaxError, TokenError), reads cut files
-    # (EOFError) and zip archives; whatever it returns is checked below.
+            elif handle.read(6) == b"\x93NUMPY":  # else np.load would try it as a zip archive or a pickle
+                handle.seek(0)
+                pose = np.load(handle, allow_pickle=False)
+            else:
+                pose = None
+    # Any error: np.load parses a damaged header as a Python literal (SyntaxError, TokenError) and raises EOFError
+    # on a cut one; whatever it returns is checked below.
     except Exception as error:
         raise DataError(f"cannot read keypoints ({type(error).__name__}: {error})", path=path, field=field) from None
-    if not isinstance(pose, np.ndarray):
-        if isinstance(pose, np.lib.npyio.NpzFile):
-            pose.close()
-        raise DataError(f"expected an array, got {type(pose).__name__} (an .npz archive?)", path=path, field=field)
+    if pose is None:
+        raise DataError("not an .npy array (no NUMPY header)", path=path, field=field)
     # Before the cast, which would parse strings as numbers, drop imaginary parts or fail on objects.
     if pose.dtype.kind not in "fiu":
         raise DataError(f"keypoints must be numbers, got {pose.dtype} values", path=path, field=field)
@@ -53,7 +54,7 @@ def read_pose(path: str, field: str = "pose") -> np.ndarray:
     return pose
 
 
-@dataclass(frozen=True)
+@dataclass
 class Skipped:
     """What a bad sample becomes under ``on_bad_sample: skip``: the collate counts it, training logs it."""
 
