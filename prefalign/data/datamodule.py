@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def read_pose(path: str, field: str = "pose") -> np.ndarray:
-    """Keypoints per frame ``[T, K, 2]`` (x, y in [0, 1]) from a .npy or .json file."""
+    """Keypoints per frame ``[T, K, 2]`` (x, y in [0, 1]) from a .npy or .json file; a damaged, pickled,
+    non-numeric, misshapen or non-finite array is a ``DataError``."""
     if not path.endswith((".npy", ".json")):
         raise DataError("pose must be a .npy or .json file", path=path, field=field)
     media.check_file(path, field)

@@ -22,6 +22,9 @@ from prefalign.files import temp_path
 SILENCE_PEAK = 1e-4
 """A track whose peak amplitude is below this is treated as silent (no speech to align to)."""
 
+MAX_PEAK = 2.0
+"""Samples are nominally in [-1, 1]; a float file peaking above this (6 dB over full scale) is corrupt or mis-scaled."""
+
 MIN_SAMPLE_RATE = 8000
 """Below this rate speech is not intelligible; such a file is almost certainly a mistake."""
 
@@ -30,8 +33,8 @@ VIDEO_CRF = 10
 
 
 def check_file(path: str | Path, field: str) -> None:
-    """Raise a ``DataError`` unless ``path`` is a regular file that can be looked up (a directory, a fifo, a name
-    too long or a symlink loop named in a manifest are all errors; a fifo would block a reader forever)."""
+    """Raise a ``DataError`` unless ``path`` is a regular file: not missing, a directory, a fifo (which would block
+    its reader forever), a name too long or a symlink loop."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -72,7 +75,7 @@ def read_video(path: str | Path, field: str = "video") -> tuple[np.ndarray, floa
         tuple[np.ndarray, float]: uint8 frames ``[T, H, W, 3]`` (RGB) and the frame rate.
 
     Raises:
-        DataError: missing, corrupt or truncated file, no video stream, or no frames.
+        DataError: missing, corrupt or truncated file, no video stream, no frames, or frames of several sizes.
     """
     # Errors name the path as given (Path() would also turn a URL's "//" into "/").
     with _open_input(path, field) as container:
@@ -113,11 +116,11 @@ def read_audio(
         field (str): the manifest field named in errors.
 
     Returns:
-        np.ndarray: float32 ``[S]`` in [-1, 1]; channels are averaged.
+        np.ndarray: float32 ``[S]`` in [-1, 1] (float files: at most ``MAX_PEAK``); channels are averaged.
 
     Raises:
         DataError: missing or corrupt file, no audio stream, a rate below 8 kHz, a rate mismatch with
-            ``resample=False``, or a silent track.
+            ``resample=False``, a silent track, or samples that are NaN, infinite or above ``MAX_PEAK``.
     """
     with _open_input(path, field) as container:
         stream = _first_stream(container, "audio", path, field)
@@ -149,9 +152,9 @@ def read_audio(
                 chunks.append(_mono(converted))
         except (av.FFmpegError, ValueError) as error:  # ValueError: the format or layout changes mid-stream
             raise DataError(f"cannot decode audio: {error}", path=path, field=field) from error
-    if not chunks:
+    audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
+    if audio.shape[0] == 0:
         raise DataError("audio has no samples", path=path, field=field)
-    audio = np.concatenate(chunks).astype(np.float32)
     # Encoders pad or prime by up to a frame or two (AAC: 1024 samples), so allow that much slack.
     if expected is not None and audio.shape[0] < 0.99 * expected - 2048:
         raise DataError(
@@ -159,7 +162,10 @@ def read_audio(
         )
     if not np.isfinite(audio).all():
         raise DataError("audio contains NaN or infinity", path=path, field=field)
-    if float(np.abs(audio).max()) < SILENCE_PEAK:
+    peak = float(np.abs(audio).max())
+    if peak > MAX_PEAK:
+        raise DataError(f"audio peaks at {peak:.3g}, far outside [-1, 1]", path=path, field=field)
+    if peak < SILENCE_PEAK:
         raise DataError(f"audio is silent (peak below {SILENCE_PEAK})", path=path, field=field)
     if file_rate != sample_rate:
         audio = _soxr(audio, file_rate, sample_rate)

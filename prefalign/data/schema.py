@@ -54,14 +54,14 @@ def load_manifest(source: str, split: str = "train") -> Manifest:
     path = Path(source)
     if path.suffix in LOCAL_FORMATS:
         if not path.is_file():
-            raise DataError("manifest not found" if not path.exists() else "manifest is not a regular file", path=source)
+            raise DataError("manifest is not a regular file" if path.exists() else "manifest not found", path=source)
         if LOCAL_FORMATS[path.suffix] == "json":
             _check_json_rows(path, source)
         try:
             table = datasets.load_dataset(LOCAL_FORMATS[path.suffix], data_files=str(path), split="train")
             rows = table.to_list()  # pyarrow checks UTF-8 only here
         except Exception as error:  # datasets wraps parser errors in several types
-            raise DataError(f"cannot parse the manifest ({type(error).__name__}: {error})", path=source) from None
+            raise DataError(f"cannot parse the manifest ({_describe(error)})", path=source) from None
         root: Optional[Path] = path.resolve().parent
     elif path.exists():
         raise DataError(f"unknown manifest format '{path.suffix}' (use one of {sorted(LOCAL_FORMATS)})", path=source)
@@ -84,35 +84,45 @@ def load_manifest(source: str, split: str = "train") -> Manifest:
                 raise DataError(f"row {index}: expected a file path, got {type(value).__name__}", path=source, field=column)
             if value is not None and not value.strip():
                 # An empty path would resolve to the manifest's folder, or silently drop an optional file.
-                raise DataError(f"row {index}: the path is empty (leave the column out instead)", path=source, field=column)
+                raise DataError(f"row {index}: an empty path (leave the column out)", path=source, field=column)
     return Manifest(source=source, rows=rows, root=root)
 
 
 def _check_json_rows(path: Path, source: str) -> None:
-    """Every row of a json/jsonl manifest must be a JSON object. Checked before ``datasets`` reads the file: pyarrow's
-    JSON reader under it crashes the whole process on some such files (a line ``null`` segfaults pyarrow 26)."""
-    if path.suffix == ".json":
-        try:
-            document = json.loads(path.read_bytes())
-        except ValueError:
-            document = None  # not one JSON document: maybe JSON Lines, checked below
-        if document is not None:
-            for index, row in enumerate(document if isinstance(document, list) else [document]):
-                if not isinstance(row, dict):
-                    raise DataError(f"row {index} is a JSON {_json_kind(row)}, not an object", path=source)
-            return
-    with open(path, "rb") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as error:  # invalid JSON, or not UTF-8
-                raise DataError(f"line {number} is not valid JSON ({error})", path=source) from None
-            if not isinstance(row, dict):
-                raise DataError(f"line {number} is a JSON {_json_kind(row)}, not an object (a row)", path=source)
+    """Every row of a json/jsonl manifest must be a non-empty JSON object. Checked before ``datasets`` reads the file:
+    pyarrow's JSON reader under it crashes the whole process on some such files (a line ``null`` segfaults pyarrow
+    26), and reports others as a generic "no data"."""
+    data = path.read_bytes()  # small next to the rows that ``to_list`` makes of it
+    try:
+        document = json.loads(data)
+        documents = document if isinstance(document, list) else [document]
+        rows = [(f"row {index}", row) for index, row in enumerate(documents)]
+    except ValueError:  # not one JSON document: JSON Lines
+        rows = []
+        for number, line in enumerate(data.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append((f"line {number}", json.loads(line)))
+                except ValueError as error:  # invalid JSON, or not UTF-8
+                    raise DataError(f"line {number} is not valid JSON ({error})", path=source) from None
+    if not rows:
+        raise DataError("the manifest has no rows", path=source)
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{where} is a JSON {_json_kind(row)}, not an object (a row)", path=source)
+        if not row:
+            raise DataError(f"{where} is an empty object", path=source)
 
 
 def _json_kind(value) -> str:
     kinds = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
     return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def _describe(error: BaseException) -> str:
+    """An error and its innermost cause: ``datasets`` wraps parser errors in a generic DatasetGenerationError."""
+    cause = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    text = f"{type(error).__name__}: {error}"
+    return text if cause is error else f"{text}; caused by {type(cause).__name__}: {cause}"
