@@ -15,6 +15,7 @@ import copy
 import datetime
 import functools
 import gc
+import hashlib
 import inspect
 import itertools
 import json
@@ -22,9 +23,11 @@ import math
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -108,7 +111,8 @@ class Figure:
     ``ideal`` gives, per variant, the ratio to the baseline that counting the work alone predicts (the note that
     says why goes in ``notes``); ``targets`` gives, per variant, the ratio to the baseline it should stay at or
     under; ``compare_also`` names further (variant, against) pairs whose step time ratio, paired by round like the
-    baseline's, and peak memory growth ratio go to ``ratios``.
+    baseline's, and peak memory growth ratio go to ``ratios``; ``columns`` names further row fields (a figure adds
+    them to its rows after ``compare``) to show as columns, field -> header.
     """
 
     name: str
@@ -121,6 +125,7 @@ class Figure:
     targets: dict[str, float] = field(default_factory=dict)
     compare_also: list[tuple[str, str]] = field(default_factory=list)
     ratios: list[dict] = field(default_factory=list)
+    columns: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -425,15 +430,17 @@ def bare_diffusers_step(bench: Bench, batch: dict) -> Step:
     return Step(run, optimizer, list(model.parameters()))
 
 
-def module_step(bench: Bench, module, batch: dict) -> Step:
+def module_step(bench: Bench, module, batch: dict | Callable[[], dict]) -> Step:
     """Our step: ``AlignmentModule.training_step`` (the algorithm's loss), backward, and the optimizer
-    ``configure_optimizers`` builds; what Lightning's automatic optimisation runs."""
+    ``configure_optimizers`` builds; what Lightning's automatic optimisation runs. ``batch`` is the batch of every
+    step, or a function that gives each step its batch (loading it is then part of the step)."""
     module.to(bench.device).train()
     optimizer = module.configure_optimizers()
 
     def run() -> torch.Tensor:
+        step_batch = batch() if callable(batch) else batch
         with bench.autocast():
-            loss = module.training_step(batch, 0)
+            loss = module.training_step(step_batch, 0)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -1348,7 +1355,396 @@ def refree_step(bench: Bench) -> Figure:
     return figure
 
 
-FIGURES: list[Callable[[Bench], Figure]] = [sft_step, dpo_step, backbone_step, grpo_step, refree_step]
+# --- figure 6: training samples per second, from cached latents vs. decoding on the fly --------------------------
+DATA_CLIPS = 16  # clips of the data_step dataset: 4 demo batches per pass
+DATA_SEED = 0
+
+
+def talkingshapes_on_disk(num_clips: int, seed: int) -> Path:
+    """The manifest of a TalkingShapes dataset (the demo's clips: 17 frames at 32×32 with audio and pose) that
+    ``write_dataset`` wrote under the temporary folder, in a folder named after its settings and reused when there:
+    the memory probes, in processes of their own, read the same files. Written aside and renamed into place, so that
+    a folder found there is whole."""
+    from prefalign.data.synthetic import TalkingShapesConfig, write_dataset
+
+    cfg = TalkingShapesConfig()
+    settings = json.dumps({"num_clips": num_clips, "seed": seed, **asdict(cfg)}, sort_keys=True)
+    key = hashlib.sha1(settings.encode()).hexdigest()[:12]
+    folder = Path(tempfile.gettempdir()) / f"prefalign-benchmark-talkingshapes-{key}"
+    if not folder.is_dir():
+        staging = Path(tempfile.mkdtemp(prefix=f"{folder.name}.", dir=folder.parent))
+        write_dataset(staging, num_clips, seed, cfg)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process put it there first
+            shutil.rmtree(staging)
+    manifest = folder / "manifest.jsonl"
+    if not manifest.is_file():
+        raise RuntimeError(f"data_step: {folder} holds no manifest.jsonl; delete the folder to have it written again")
+    return manifest
+
+
+def data_module(manifest: Path, latent_cache: Path | None):
+    """The demo's training data as the data step figure reads it: every clip decoded afresh (``cache_decoded``
+    off), or with ``latent_cache`` read from that cache."""
+    from prefalign.data.datamodule import PortraitDataModule
+
+    return PortraitDataModule(
+        train=str(manifest),
+        val_fraction=0,
+        batch_size=DEMO_DATA["batch_size"],
+        num_frames=DEMO_DATA["num_frames"],
+        num_workers=0,
+        cache_decoded=False,
+        latent_cache=None if latent_cache is None else str(latent_cache),
+    )
+
+
+def latent_cache_of(manifest: Path, denoiser) -> Path:
+    """The latent cache of the dataset at ``manifest``, written next to it by ``preprocess`` with ``denoiser`` (its
+    codec and audio encoder encode); reused when its fingerprint matches ``denoiser`` and the data settings, as
+    ``AlignmentModule.setup`` checks it, and written again when not."""
+    from prefalign.data.cache import LatentCache, preprocess
+    from prefalign.data.errors import DataError
+
+    folder = manifest.parent.with_name(f"{manifest.parent.name}-latents")
+    datamodule = data_module(manifest, None)
+    try:
+        LatentCache(folder).check(denoiser, datamodule.fps, datamodule.sample_rate, datamodule.num_frames)
+    except DataError:
+        preprocess(denoiser, datamodule, folder)
+    return folder
+
+
+def endless_batches(bench: Bench, manifest: Path, latent_cache: Path | None) -> Callable[[], dict]:
+    """Each call, the next batch of the data module's training loader, moved to the device; a new pass over the
+    loader when one ends (in the same order: outside a Trainer its sampler stays at epoch 0)."""
+    loader = data_module(manifest, latent_cache).train_dataloader()
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))
+
+    def next_batch() -> dict:
+        batch = next(batches)
+        return {key: value.to(bench.device) if torch.is_tensor(value) else value for key, value in batch.items()}
+
+    return next_batch
+
+
+def demo_sft_module():
+    """The SFT demo's module, built from the model section of recipes/demo/sft.yaml (seeded)."""
+    return recipe_module(recipe_model(DEMO_RECIPE), None)
+
+
+def same_data_check(bench: Bench, manifest: Path, latent_cache: Path, denoiser) -> float:
+    """Largest difference between what the denoiser makes of the first decoded batch (latents and conditions) and
+    of the first cached one, which must hold the same clips: shows that both loaders feed the step the same data."""
+    decoded = endless_batches(bench, manifest, None)()
+    cached = endless_batches(bench, manifest, latent_cache)()
+    if decoded["id"] != cached["id"]:
+        raise RuntimeError(f"data_step: the loaders give different clips: {decoded['id']} and {cached['id']}")
+    denoiser = denoiser.to(bench.device)
+    with torch.no_grad():
+        made = {"latents": denoiser.latents(decoded), **denoiser.condition(decoded)}
+        read = {"latents": denoiser.latents(cached), **denoiser.condition(cached)}
+    if made.keys() != read.keys():
+        raise RuntimeError(f"data_step: the batches make different conditions: {sorted(made)} and {sorted(read)}")
+    return max((made[key] - read[key]).abs().max().item() for key in made if torch.is_tensor(made[key]))
+
+
+def folder_mib(folder: Path, pattern: str) -> float:
+    return sum(path.stat().st_size for path in folder.glob(pattern)) / MIB
+
+
+def data_step(bench: Bench) -> Figure:
+    """Figure 6: training samples per second when the batches come from the latent cache against decoding the
+    clips on the fly, with the SFT step and for loading alone."""
+    b, frames = DEMO_DATA["batch_size"], DEMO_DATA["num_frames"]
+    decode_sft, cache_sft, decode, cache = "decode + SFT step", "cache + SFT step", "decode only", "cache only"
+    figure = Figure(
+        name="data_step",
+        title="Training samples per second: cached latents vs. decoding on the fly",
+        description=(
+            f"Where a training step's batch comes from, at the demo size. The data: {DATA_CLIPS} TalkingShapes clips "
+            f"({frames} frames at 32×32, 25 fps, 16 kHz audio, pose) written once by `write_dataset` (mp4, wav, png "
+            "and npy per clip), and their latent cache, written once by `prefalign.data.cache.preprocess` with the "
+            f"denoiser of {DEMO_RECIPE.relative_to(ROOT)}: per {frames}-frame window, the PixelCodec latents, the "
+            "audio waveform, the MelAudioEncoder's features, the reference image (uint8) and the pose, in "
+            "safetensors shards. Every variant takes its batch of "
+            f"{b} by `next()` on an endless iterator over `PortraitDataModule(train=..., val_fraction=0, "
+            f"batch_size={b}, num_frames={frames}, num_workers=0, cache_decoded=False[, latent_cache=...])"
+            ".train_dataloader()` (a new pass when one ends) and moves it to the device. "
+            f"**{decode_sft}** (baseline): the loader decodes every clip (PyAV video, wav, png, npy; the "
+            f"{frames}-frame crop is the whole clip), then the SFT demo's module as `prefalign fit` builds it from the recipe "
+            "(`AlignmentModule.training_step`, backward, AdamW step) encodes the video through the codec and computes "
+            f"the mel features. **{cache_sft}**: the loader reads the cache (`CachedClipDataset`: no video is decoded) "
+            "and the same module, from the same weights, takes the cached latents and audio features in place of "
+            f"encoding. **{decode}** / **{cache}**: the loading alone (no model). On this tiny model the codec is the "
+            "PixelCodec, a space-to-depth reshape next to free, so what the cache saves here is almost all decoding "
+            "(and the mel features); at real scale the codec is a VAE, whose encoder is what the cache mostly saves "
+            "there, and this figure does not measure it."
+        ),
+        baseline=decode_sft,
+        compare_also=[(cache_sft, decode_sft), (cache, decode)],
+        columns={"samples_per_s": "samples/s"},
+    )
+    manifest = talkingshapes_on_disk(DATA_CLIPS, DATA_SEED)
+    latent_cache = latent_cache_of(manifest, demo_sft_module().denoiser)
+    if not bench.probing:
+        difference = same_data_check(bench, manifest, latent_cache, demo_sft_module().denoiser)
+        if difference > 1e-5:
+            raise RuntimeError(
+                f"data_step: cached and decoded batches give different inputs (max difference {difference})"
+            )
+        figure.notes.append(
+            f"Same data: the first batch of both loaders holds the same clips, and the latents and conditions "
+            f"(reference latent, audio features) the module makes of the decoded batch match those of the cached "
+            f"one (max difference {difference:.1e})."
+        )
+        figure.notes += recipe_drift(DEMO_RECIPE, {"data": DEMO_DATA})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer: logging is not what is timed
+        bench.compare(
+            figure,
+            {
+                decode_sft: lambda: module_step(bench, demo_sft_module(), endless_batches(bench, manifest, None)),
+                cache_sft: lambda: module_step(
+                    bench, demo_sft_module(), endless_batches(bench, manifest, latent_cache)
+                ),
+                decode: lambda: Step(endless_batches(bench, manifest, None), None, []),
+                cache: lambda: Step(endless_batches(bench, manifest, latent_cache), None, []),
+            },
+        )
+    if bench.probing:
+        return figure
+    rows = {row["variant"]: row for row in figure.rows}
+    for row in figure.rows:
+        row["samples_per_s"] = b / (1e-3 * row["median_ms"])
+    ms = {name: row["median_ms"] for name, row in rows.items()}
+    windows = len(json.loads((latent_cache / "manifest.json").read_text())["entries"])
+    figure.notes += [
+        "Samples per second = batch size / median step time: "
+        + ", ".join(f"{name} {rows[name]['samples_per_s']:.1f}" for name in rows)
+        + f". The cache gives {rows[cache_sft]['samples_per_s'] / rows[decode_sft]['samples_per_s']:.2f}× the "
+        f"samples per second with the step and {rows[cache]['samples_per_s'] / rows[decode]['samples_per_s']:.1f}× "
+        "for loading alone (ratios of medians; the paired ratios are under the table).",
+        f"Decoding a batch takes {ms[decode]:.1f} ms, {100 * ms[decode] / ms[decode_sft]:.0f}% of the decode + SFT "
+        f"step ({ms[decode_sft]:.1f} ms); reading it from the cache {ms[cache]:.2f} ms. With the step the cache saves "
+        f"{ms[decode_sft] - ms[cache_sft]:.1f} ms a batch, loading alone {ms[decode] - ms[cache]:.1f} ms (differences "
+        "of medians); what the cached step also skips, the codec encode and the mel features, is the difference "
+        f"between the two, to be read against the SFT rows' spread (IQR {rows[decode_sft]['q3_ms'] - rows[decode_sft]['q1_ms']:.1f} "
+        f"and {rows[cache_sft]['q3_ms'] - rows[cache_sft]['q1_ms']:.1f} ms wide).",
+        "Loading here runs in the training process between steps (`num_workers=0`, as the demo recipes). With worker "
+        "processes decoding overlaps the step and costs CPU cores rather than step time, as long as the workers keep "
+        "up; the loading rows say how many cores that takes (a batch's decode time over the step's).",
+        f"{DATA_CLIPS} clips make {DATA_CLIPS // b} batches a pass, so one step in {DATA_CLIPS // b} of every variant "
+        "also starts a new pass over its loader. The dataset takes "
+        f"{folder_mib(manifest.parent / 'clips', '*'):.2f} MiB on disk, its cache {folder_mib(latent_cache, '*'):.2f} "
+        f"MiB for {windows} windows (float32 latents and features: the cache is larger than compressed video).",
+        "The ratio column compares every row with decode + SFT step; the loading rows compare like with like "
+        "under the table. The loading rows have no model (—).",
+    ]
+    return figure
+
+
+# --- figure 7: checkpoint size and save time, LoRA vs. full fine-tuning ------------------------------------------
+CHECKPOINT_TRAIN_STEPS = 2  # optimizer steps before saving, so that AdamW's state exists as in a run's checkpoints
+
+
+def lightning_checkpoint(module, optimizer: torch.optim.Optimizer, whole: bool) -> dict:
+    """What ``ModelCheckpoint`` writes for our module in one process, less Lightning's own bookkeeping (epoch,
+    loops, callbacks: a few KiB): the model part as ``on_save_checkpoint`` leaves it (``trained_checkpoint()``:
+    the trained tensors only; ``on_save_checkpoint`` itself gathers random states through a Trainer), or with
+    ``whole`` the unfiltered ``state_dict()``; then the optimizer's state, the algorithm's and the random state."""
+    from prefalign import checkpoints
+
+    if whole:
+        checkpoint = {"state_dict": module.state_dict(), "prefalign": checkpoints.run_metadata(module)}
+    else:
+        checkpoint = module.trained_checkpoint()
+    checkpoint["optimizer_states"] = [optimizer.state_dict()]
+    checkpoint["algorithm_states"] = [module.algorithm.state_dict()]
+    checkpoint["rng_states"] = [checkpoints.rng_state()]
+    return checkpoint
+
+
+def tensor_mib(value) -> float:
+    """The bytes of every tensor in a nested checkpoint structure, in MiB."""
+    if torch.is_tensor(value):
+        return value.numel() * value.element_size() / MIB
+    if isinstance(value, dict):
+        return sum(tensor_mib(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_mib(v) for v in value)
+    return 0.0
+
+
+def dpo_recipe_module(lora: dict | None):
+    """The DPO demo's module from the model section of recipes/demo/dpo.yaml (seeded), with ``lora``."""
+    return recipe_module(recipe_model(DEMO_DPO_RECIPE), lora)
+
+
+def checkpoint_save_step(bench: Bench, batch: dict, lora: dict | None, whole: bool, path: Path, saved: dict) -> Step:
+    """Saving the DPO demo's module (with ``lora``, or fully fine-tuned) to ``path`` after
+    ``CHECKPOINT_TRAIN_STEPS`` training steps on ``batch``, as Lightning saves: ``_atomic_save`` serialises into
+    memory, then writes through an fsspec transaction (a temporary file moved over the target)."""
+    from lightning.fabric.utilities.cloud_io import _atomic_save
+
+    module = dpo_recipe_module(lora).to(bench.device)
+    module.setup("fit")  # as Lightning before training: the algorithm's setup, the full fine-tuning reference copy
+    train = module_step(bench, module, batch)
+    for _ in range(CHECKPOINT_TRAIN_STEPS):
+        train.run()
+    saved[path] = module, train.optimizer
+
+    def run() -> None:
+        _atomic_save(lightning_checkpoint(module, train.optimizer, whole), path)
+
+    if module._reference is not None:
+        reference = list(module._reference.parameters())
+    else:
+        reference = list(getattr(module, "reference_snapshot", torch.nn.Module()).buffers())
+    copies = {id(t) for t in reference}
+    parameters = [p for p in module.parameters() if id(p) not in copies]
+    return Step(run, train.optimizer, parameters, reference)
+
+
+def restored_difference(path: Path, trained, lora: dict | None) -> float:
+    """Load the checkpoint at ``path`` into a freshly built module, as ``prefalign`` loads one (the frozen tensors
+    it left out come from the model the recipe builds), and return the largest difference from ``trained``'s
+    tensors (its full fine-tuning reference copy aside: it is for resuming, not in a loaded model)."""
+    from prefalign import checkpoints
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    fresh = dpo_recipe_module(lora)
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"])
+    expected = {k: v for k, v in trained.state_dict().items() if not k.startswith(checkpoints.REFERENCE)}
+    got = fresh.state_dict()
+    if got.keys() != expected.keys():
+        raise RuntimeError(
+            f"checkpoint_save: {path.name} restores other tensors: {sorted(got.keys() ^ expected.keys())}"
+        )
+    return max((got[k].float() - expected[k].float().cpu()).abs().max().item() for k in expected)
+
+
+def mount_of(path: Path) -> str:
+    """The filesystem ``path`` is on, as '<mount point> (<type>)', from /proc/mounts (Linux); '' elsewhere."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return ""
+    resolved = str(path.resolve())
+    inside = [
+        (point, kind) for point, kind in mounts if resolved == point or resolved.startswith(point.rstrip("/") + "/")
+    ]
+    point, kind = max(inside, key=lambda mount: len(mount[0]), default=("?", "?"))
+    return f"{point} ({kind})"
+
+
+def checkpoint_save(bench: Bench) -> Figure:
+    """Figure 7: the checkpoint a LoRA run writes (its frozen base left out) against full fine-tuning's and
+    against the whole state dict of the same LoRA model: file size and save time."""
+    lora = read_recipe(DEMO_DPO_RECIPE)["model"].get("lora")
+    if not lora:
+        raise ValueError(f"checkpoint_save: {DEMO_DPO_RECIPE.relative_to(ROOT)} no longer trains LoRA")
+    full, adapters, whole = "full fine-tuning", f"LoRA r{lora['rank']}", "LoRA, whole state dict"
+    figure = Figure(
+        name="checkpoint_save",
+        title="Checkpoint size and save time: LoRA vs. full fine-tuning",
+        description=(
+            f"Saving a checkpoint of the DPO demo's module, built from the model section of "
+            f"{DEMO_DPO_RECIPE.relative_to(ROOT)} as `prefalign fit` builds it (the Wan DiT of `sft_step` with "
+            'MelAudioEncoder and audio attention, `FlowMatching`, `DiffusionDPO`, AdamW), after `module.setup("fit")` '
+            f"and {CHECKPOINT_TRAIN_STEPS} training steps on the demo batch of {DEMO_DATA['batch_size']} pairs, so that "
+            "AdamW's state exists. A step builds the checkpoint `ModelCheckpoint` writes for our module in one process "
+            "(`module.trained_checkpoint()`, what `on_save_checkpoint` keeps: the trained tensors and the run's "
+            "metadata, with `optimizer_states`, `algorithm_states` and the random state added; Lightning's own "
+            "bookkeeping of a few KiB left out) and writes it with Lightning's `_atomic_save` (`torch.save` into "
+            "memory, then an fsspec transaction: a temporary file moved over the target), over the same file every "
+            f"step. **{full}** (baseline): `lora: null`; every denoiser weight trains, and the checkpoint holds them "
+            "with the frozen reference copy that DPO resumes from. "
+            f"**{adapters}**: the recipe's `lora` ({', '.join(f'{k}: {json.dumps(v)}' for k, v in lora.items())}): adapters on "
+            "the backbone's self-attention and feed-forwards, the audio attention trained in full, its starting "
+            f"values kept as the reference; the checkpoint leaves out the frozen base. **{whole}**: the same LoRA "
+            "module saved with its unfiltered `module.state_dict()`, base included: what a LoRA run writes without "
+            "dropping the frozen base. The *checkpoint file* column is the file's size on disk."
+        ),
+        baseline=full,
+        compare_also=[(whole, adapters)],
+        columns={"file_mib": "checkpoint file (MiB)"},
+    )
+    batch = demo_batch(bench.device, pairs=True)
+    saved: dict = {}
+    with tempfile.TemporaryDirectory(prefix="prefalign-benchmark-checkpoints-") as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*self.log.*")  # no Trainer: logging is not what is timed
+        folder = Path(tmp)
+        paths = {name: folder / f"{slug}.ckpt" for name, slug in ((full, "full"), (adapters, "lora"), (whole, "whole"))}
+        settings = {full: (None, False), adapters: (lora, False), whole: (lora, True)}
+        bench.compare(
+            figure,
+            {
+                name: functools.partial(checkpoint_save_step, bench, batch, *settings[name], paths[name], saved)
+                for name in (full, adapters, whole)
+            },
+        )
+        if bench.probing:
+            return figure
+        sizes = {name: path.stat().st_size / MIB for name, path in paths.items()}
+        parts = {}
+        for name, path in paths.items():
+            module, optimizer = saved[path]
+            checkpoint = lightning_checkpoint(module, optimizer, settings[name][1])
+            parts[name] = (
+                len(checkpoint["state_dict"]),
+                tensor_mib(checkpoint["state_dict"]),
+                tensor_mib(checkpoint["optimizer_states"]),
+            )
+        restored = {
+            name: restored_difference(paths[name], saved[paths[name]][0], settings[name][0])
+            for name in (full, adapters)
+        }
+        filesystem = mount_of(folder)
+        split = parameter_split(saved[paths[adapters]][0])
+    if max(restored.values()) > 0:
+        raise RuntimeError(f"checkpoint_save: a saved checkpoint does not restore its model exactly: {restored}")
+    for row in figure.rows:
+        row["file_mib"] = sizes[row["variant"]]
+    figure.notes += [
+        f"File size ratios: {adapters} / {full} = {sizes[adapters] / sizes[full]:.3f} "
+        f"({sizes[adapters]:.2f} against {sizes[full]:.2f} MiB); {whole} / {adapters} = "
+        f"{sizes[whole] / sizes[adapters]:.2f} ({sizes[whole]:.2f} against {sizes[adapters]:.2f} MiB).",
+        "What the files hold (tensor bytes): "
+        + "; ".join(
+            f"{name}: {count} model tensors, {model:.2f} MiB, and {optimizer:.2f} MiB of AdamW state"
+            for name, (count, model, optimizer) in parts.items()
+        )
+        + ". Full fine-tuning's model tensors are the trained denoiser and its frozen reference copy for DPO "
+        "(the *reference copy* column); LoRA's are the adapters, the audio attention and its starting values.",
+        f"Restores exactly: each of the {full} and {adapters} files, loaded into a freshly built module "
+        "(`on_load_checkpoint` then `load_state_dict`, strict; LoRA's frozen base from the recipe's seeded weights), "
+        "gives every tensor of the trained module (max difference 0; the full fine-tuning reference copy aside, which "
+        "only a resumed run needs).",
+        f"Save time: building the checkpoint dict, `torch.save` into memory and the write to "
+        f"{filesystem or 'the temporary folder'} (no fsync, so the page cache takes the write, as in training). The "
+        "peak memory growth is the serialised copy in memory and what writing it takes; on CPU the memory the "
+        "training steps freed before the baseline stays resident and the serialising reuses it, so the growth "
+        "shows only what goes beyond that: the file column is the measure of size here.",
+        f"What {adapters} trains at the demo size: {split['adapters']:,} adapter parameters and the "
+        f"{split['added_trainable']:,} of the audio attention, against {split['backbone']:,} frozen backbone "
+        "weights; so the audio attention (trained in full, and kept twice: trained values and starting values) is "
+        "most of its file, and the file ratio to full fine-tuning is far above the adapters' share of the weights.",
+    ]
+    return figure
+
+
+FIGURES: list[Callable[[Bench], Figure]] = [
+    sft_step,
+    dpo_step,
+    backbone_step,
+    grpo_step,
+    refree_step,
+    data_step,
+    checkpoint_save,
+]
 
 
 # --- reporting ---------------------------------------------------------------------------------------------------
@@ -1420,10 +1816,12 @@ def to_markdown(report: dict) -> str:
         lines += [fig["description"], ""]
         ideal = fig.get("ideal") or {}
         targets = fig.get("targets") or {}
+        columns = fig.get("columns") or {}
         reference = any(row.get("reference_mib") for row in fig["rows"])
         header = ["variant", "median step (ms)", "IQR (ms)", f"ratio to {fig['baseline']} (IQR)"]
         header += ["ideal ratio"] if ideal else []
         header += ["target ratio"] if targets else []
+        header += list(columns.values())
         header += ["peak memory growth (MiB)", "weights + AdamW state (MiB)"]
         header += ["reference copy (MiB)"] if reference else []
         header += ["parameters (trainable, share)"]
@@ -1438,6 +1836,7 @@ def to_markdown(report: dict) -> str:
             ]
             cells += [f"{ideal[row['variant']]:.2f}" if row["variant"] in ideal else ""] if ideal else []
             cells += [f"≤ {targets[row['variant']]:.2f}" if row["variant"] in targets else ""] if targets else []
+            cells += [f"{row[key]:.2f}" if key in row else "" for key in columns]
             cells += [
                 f"{row['peak_growth_mib']:.1f}{bound}",
                 f"{row['weights_mib'] + row['optimizer_state_mib']:.1f}",
