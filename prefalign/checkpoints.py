@@ -60,6 +60,27 @@ def restore_frozen(state: dict[str, torch.Tensor], module: nn.Module) -> int:
     return len(missing)
 
 
+def strategy_loads_weights(strategy) -> bool:
+    """Whether the strategy loads a checkpoint's weights itself, strictly, before the module's
+    ``on_load_checkpoint`` (FSDP, DeepSpeed): its checkpoints then keep the frozen weights too, or they could not
+    be loaded. (``prefalign push`` still writes only the adapters.)"""
+    return type(strategy).__name__ in ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+
+
+def check_run(recorded: Optional[dict], module) -> None:
+    """Refuse a checkpoint made by another kind of run: other denoiser, base model, LoRA settings or new modules.
+    Its frozen weights come from the model this recipe builds, so they must be the same ones."""
+    if not recorded:
+        return
+    current = run_metadata(module)
+    for field in ("denoiser", "base_model", "lora", "new_modules"):
+        if field in recorded and recorded[field] != current[field]:
+            raise ValueError(
+                f"the checkpoint was written by a run with {field} = {recorded[field]!r}, this recipe builds "
+                f"{current[field]!r}: load it with the recipe it was trained with"
+            )
+
+
 # --- random states -------------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, torch.Tensor]:
     """This process's torch, CUDA, numpy and Python random states as tensors (so that they can be gathered

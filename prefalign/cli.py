@@ -52,8 +52,8 @@ class PrefalignCLI(LightningCLI):
 
     - loggers: CSV and TensorBoard under ``trainer.default_root_dir`` (``csv/``, ``tensorboard/``), and Weights &
       Biases when ``wandb`` is installed and configured (``WANDB_API_KEY`` or ``WANDB_MODE`` set);
-    - callbacks: a rich progress bar (loss and reward), the last checkpoint kept (``save_last``), and the training
-      curves plotted at the end (``prefalign.plots.TrainingCurves``).
+    - callbacks: a rich progress bar (loss and reward), the last checkpoint kept (``save_last``, in
+      ``default_root_dir/checkpoints``), and the training curves plotted at the end (``prefalign.plots.TrainingCurves``).
 
     A recipe's own ``trainer.logger`` (``false`` for none) or callbacks take precedence over each default.
     """
@@ -75,7 +75,8 @@ class PrefalignCLI(LightningCLI):
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
             extra.append(RichProgressBar())
         if config.get("enable_checkpointing", True) is not False and not any(isinstance(c, ModelCheckpoint) for c in given):
-            extra.append(ModelCheckpoint(save_last=True, save_top_k=0))
+            # A fixed folder, not the logger's version_N, so that `--ckpt_path last` finds it in a later run.
+            extra.append(ModelCheckpoint(dirpath=f"{root}/checkpoints", save_last=True, save_top_k=0))
         if config.get("logger") is not False and not any(isinstance(c, TrainingCurves) for c in given):
             extra.append(TrainingCurves())
         return super()._instantiate_trainer(config, callbacks + extra)

@@ -263,18 +263,40 @@ class AlignmentModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint["state_dict"]
-        checkpoint["state_dict"] = checkpoints.drop_frozen(state, self)
+        if not checkpoints.strategy_loads_weights(self.trainer.strategy):
+            checkpoint["state_dict"] = checkpoints.drop_frozen(state, self)
         checkpoint["prefalign"] = {
             **checkpoints.run_metadata(self),
             "frozen_left_out": len(state) - len(checkpoint["state_dict"]),
         }
+        if self.trainer.fit_loop._should_accumulate():
+            log.warning("checkpoint at step %d taken in the middle of a gradient accumulation window: the gradients "
+                        "accumulated so far are not saved, so a resume from it is not exact", self.global_step)
         # Every rank's, for an exact resume: ranks draw their own noise and cache their own clips' negatives.
         checkpoint["algorithm_states"] = checkpoints.gathered_objects(self, self.algorithm.state_dict())
         checkpoint["rng_states"] = checkpoints.gathered_rng_state(self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint["state_dict"]
+        checkpoints.check_run(checkpoint.get("prefalign"), self)
         fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        state = checkpoint.get("state_dict")  # absent where the strategy (FSDP) has loaded the weights itself
+        if state is not None:
+            self._complete_state(state)
+        if not fitting:
+            return
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        states, algorithm_states = checkpoint.get("rng_states"), checkpoint.get("algorithm_states")
+        if states and len(states) != world:
+            log.warning("the checkpoint was written by %d processes, this run has %d: the resumed run will not "
+                        "repeat the first one's noise, and ranks start from rank 0's algorithm state", len(states), world)
+        if algorithm_states:
+            self.algorithm.load_state_dict(algorithm_states[rank if rank < len(algorithm_states) else 0])
+        if states:
+            self._resume_rng = states[rank] if rank < len(states) else None
+
+    def _complete_state(self, state: dict) -> None:
+        """Make a checkpoint's state dict fit this module: the frozen part back in, a full fine-tuning reference
+        dropped when nothing needs it, a lagged reference snapshot's buffers registered."""
         if self._reference is None and any(k.startswith(checkpoints.REFERENCE) for k in state):
             # A full fine-tuning reference: needed to resume training, not to sample or evaluate.
             for key in [k for k in state if k.startswith(checkpoints.REFERENCE)]:
@@ -287,17 +309,6 @@ class AlignmentModule(L.LightningModule):
             if name not in self.reference_snapshot._buffers:
                 self.reference_snapshot.register_buffer(name, torch.empty_like(state[key], device=self.device))
         checkpoints.restore_frozen(state, self)
-        if not fitting:
-            return
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        states, algorithm_states = checkpoint.get("rng_states"), checkpoint.get("algorithm_states")
-        if states and len(states) != world:
-            log.warning("the checkpoint was written by %d processes, this run has %d: the resumed run will not "
-                        "repeat the first one's noise, and ranks start from rank 0's algorithm state", len(states), world)
-        if algorithm_states:
-            self.algorithm.load_state_dict(algorithm_states[rank if rank < len(algorithm_states) else 0])
-        if states:
-            self._resume_rng = states[rank] if rank < len(states) else None
 
     # --- Lightning hooks ------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -340,7 +351,7 @@ class AlignmentModule(L.LightningModule):
         if self.algorithm.manual_optimization:
             for name, value in self.algorithm.training_step(self, batch).items():
                 self.log(f"train/{name}", value, prog_bar=name in ("loss", "reward"), batch_size=batch_size)
-            self.algorithm.on_step_end(self)
+            self.algorithm.on_step_end(self, self.global_step)  # manual steps have counted themselves
             return None
         loss, logged = self.algorithm.loss(self, batch)
         if not torch.isfinite(loss):
@@ -352,11 +363,22 @@ class AlignmentModule(L.LightningModule):
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         # Here rather than in on_train_batch_end: callbacks (ModelCheckpoint) run first there, and a checkpoint of
-        # this step must hold what the algorithm does after it (a refreshed reference, a cleared cache).
-        self.algorithm.on_step_end(self)
+        # this step must hold what the algorithm does after it (a refreshed reference, a cleared cache). Lightning
+        # counts the step only once this hook returns, hence the + 1.
+        self.algorithm.on_step_end(self, self.global_step + 1)
 
     def on_train_epoch_end(self) -> None:
         self._report_skips("train")
+
+    def on_validation_start(self) -> None:
+        # Validation in the middle of training must not move the training's random stream (a judge may sample):
+        # a resumed run, which does not repeat the validation before its checkpoint, then draws what the first drew.
+        self._rng_before_validation = checkpoints.rng_state() if self.trainer.state.fn == TrainerFn.FITTING else None
+
+    def on_validation_end(self) -> None:
+        if getattr(self, "_rng_before_validation", None) is not None:
+            checkpoints.set_rng_state(self._rng_before_validation)
+            self._rng_before_validation = None
 
     def on_validation_epoch_end(self) -> None:
         self._report_skips("val")
@@ -366,13 +388,15 @@ class AlignmentModule(L.LightningModule):
         if batch.get("size", 1) == 0:
             return
         batch_size = len(batch["id"])
-        self.log("val/loss", self.denoising_loss(batch, seed=batch_idx), prog_bar=True, batch_size=batch_size)
+        self.log("val/loss", self.denoising_loss(batch, seed=batch_idx), prog_bar=True, batch_size=batch_size,
+                 sync_dist=True)
         if batch_idx >= self.val_sample_batches:
             return
         video = self.generate(batch, num_frames=batch["video"].shape[1])
         scores = self.score_videos(video, batch)
         for name, value in scores.items():  # nanmean: a judge's dropped clips are NaN
-            self.log(f"val/{name}", value.float().nanmean(), prog_bar=name == "sync", batch_size=batch_size)
+            self.log(f"val/{name}", value.float().nanmean(), prog_bar=name == "sync", batch_size=batch_size,
+                     sync_dist=True)
         if batch_idx == 0 and self.trainer.is_global_zero and not self.trainer.sanity_checking:
             self.log_samples(video[:4], {k: v[:4] for k, v in batch.items() if k in ("id", "reference", "video", "audio")})
 
@@ -439,7 +463,8 @@ class AlignmentModule(L.LightningModule):
 
     def _log_skips(self, batch: dict, split: str) -> None:
         if "skipped" in batch:
-            self.log(f"{split}/skipped_samples", float(batch["skipped"]), reduce_fx="sum", batch_size=1)
+            self.log(f"{split}/skipped_samples", float(batch["skipped"]), reduce_fx="sum", on_step=False,
+                     on_epoch=True, batch_size=1, sync_dist=True)
             self._skips[split].add(batch)
 
     def _report_skips(self, split: str) -> None:

@@ -176,7 +176,9 @@ def test_a_damaged_cache_names_the_file(cache, tmp_path):
         damaged.read(1)
     items = CachedClipDataset(damaged, [0, 1, 2], on_bad_sample="skip")
     batch = collate_clips([items[(i, 0)] for i in range(3)])  # (index, epoch) keys, as the data module's sampler gives
-    assert batch["size"] == 2 and batch["skipped"] == 1 and batch["skipped_samples"][0].field == "audio"
+    # The bad window is counted, and the next one stands in for it: batches keep their size.
+    assert batch["size"] == 3 and batch["skipped"] == 1 and batch["skipped_samples"][0].field == "audio"
+    assert batch["id"] == [damaged.entries[i]["id"] for i in (0, 2, 2)]
     assert batch["skipped_samples"][0].id == damaged.entries[1]["id"]
 
 

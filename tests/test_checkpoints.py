@@ -116,6 +116,13 @@ CASES = {
     # LoRA DPO with a reference refreshed every 4 steps: the lagged snapshot must come back with the checkpoint.
     "dpo-lora-online": ({"class_path": "prefalign.algorithms.DiffusionDPO",
                         "init_args": {"beta": 500.0, "sft_weight": 1.0, "reference_refresh_every": 4}}, True),
+    # GRPO (manual optimization): rollout noise from (seed, step, rank), the reward's running statistics.
+    "grpo-lora": ({"class_path": "prefalign.algorithms.GRPO",
+                  "init_args": {"group_size": 2, "num_steps": 3, "train_fraction": 0.67, "reward": {
+                      "class_path": "prefalign.rewards.CompositeReward",
+                      "init_args": {"normalize": "running", "terms": [
+                          {"class_path": "prefalign.rewards.SyncExpert"},
+                          {"class_path": "prefalign.rewards.JitterPenalty"}]}}}}, True),
     # ReFree: its negative generator, self-play cache and lagged reference.
     "refree-lora": ({"class_path": "prefalign.algorithms.ReFree",
                     "init_args": {"beta": 500.0, "refresh_every": 4, "self_play_steps": 2}}, True),

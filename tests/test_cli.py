@@ -116,8 +116,19 @@ def test_default_loggers_checkpoint_and_curves(talkingshapes, tmp_path):
           "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1"])
     assert "train/loss" in (root / "csv/version_0/metrics.csv").read_text()
     assert list((root / "tensorboard/version_0").glob("events.out.tfevents.*"))
-    assert (root / "csv/version_0/checkpoints/last.ckpt").exists()
+    assert (root / "checkpoints/last.ckpt").exists()  # a fixed folder: `--ckpt_path last` finds it
     assert (root / "csv/version_0/curves.png").exists()
+
+    # A second job with `--ckpt_path last` (what the SLURM and torchrun launchers pass) continues the first.
+    main(["fit", "--config", str(DEMO), "--trainer.logger", "null", "--trainer.callbacks", "null",
+          "--trainer.default_root_dir", str(root), "--data.train", str(talkingshapes), "--data.val", str(talkingshapes),
+          "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1",
+          "--ckpt_path", "last"])
+    import torch
+
+    assert torch.load(root / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 3
+    rows = (root / "csv/version_1/metrics.csv").read_text().splitlines()[1:]
+    assert len([row for row in rows if row.split(",")[2]]) == 1  # one new training step logged
 
 
 def test_export_writes_init_weights(talkingshapes, tmp_path, monkeypatch):

@@ -160,7 +160,9 @@ def test_bad_samples_are_skipped_and_counted(bad_dir):
     manifest = write_manifest(root / "m.jsonl", records)
     dm = PortraitDataModule(train=str(manifest), val_fraction=0.0, batch_size=2, on_bad_sample="skip")
     batch = next(iter(dm._loader("train", shuffle=False)))
-    assert batch["skipped"] == 1 and batch["size"] == 1 and batch["id"] == [records[1]["id"]]
+    # Counted, and the next clip stands in for it: the batch keeps its size (DDP ranks must not run out of step).
+    assert batch["skipped"] == 1 and batch["size"] == 2 and batch["id"] == [records[1]["id"]] * 2
+    assert batch["skipped_samples"][0].id == records[0]["id"] and batch["skipped_samples"][0].field == "video"
     assert collate_clips([None, None])["size"] == 0
 
 
@@ -204,7 +206,7 @@ def test_a_fit_with_bad_clips_logs_the_count_and_a_summary_by_shard(tmp_path, ca
                         enable_progress_bar=False, limit_val_batches=0, callbacks=[Seen()])
     with caplog.at_level(logging.WARNING, logger="prefalign"):
         trainer.fit(module, datamodule=dm)
-    assert rows[0]["id"] not in seen and rows[3]["id"] not in seen and len(seen) == 2 * 4
+    assert rows[0]["id"] not in seen and rows[3]["id"] not in seen and len(seen) == 2 * 6  # stand-ins fill in
     summaries = [r.getMessage() for r in caplog.records if "samples skipped" in r.getMessage()]
     assert len(summaries) == 2  # one per epoch
     assert summaries[0].startswith("train epoch 0: 2 samples skipped") and str(manifest) in summaries[0]

@@ -112,3 +112,32 @@ def test_aspect_labels_weigh_and_orient_pairs():
     algo = DiffusionDPO(aspect_weights={"lip_sync": 1.0, "motion": 0.5})
     batch = {"labels": [{"lip_sync": 1, "motion": 1}, {"lip_sync": -1, "motion": 0}, None]}
     torch.testing.assert_close(algo.pair_weights(batch, 3, torch.device("cpu")), torch.tensor([1.5, -1.0, 1.0]))
+
+
+def test_online_reference_refreshes_after_every_kth_step(tmp_path):
+    """reference_refresh_every=2 in a real fit: refreshed after steps 2 and 4 (before those steps' checkpoints)."""
+    import lightning as L
+
+    from prefalign.data.datamodule import PortraitDataModule
+    from prefalign.data.synthetic import write_dataset
+
+    pairs = write_dataset(tmp_path, num_clips=4, seed=5, rejected=("shift",))
+    module = AlignmentModule(tiny_wan(), FlowMatching(), algorithm=DiffusionDPO(reference_refresh_every=2),
+                             lora=LoraSettings(rank=4))
+    refreshes, seen = [], []
+    original = module.refresh_reference
+
+    def counted():
+        refreshes.append(1)
+        original()
+
+    module.refresh_reference = counted
+
+    class Count(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((trainer.global_step, len(refreshes)))
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, callbacks=[Count()])
+    trainer.fit(module, datamodule=PortraitDataModule(train=str(pairs), val_fraction=0.0, batch_size=2, num_frames=9))
+    assert seen == [(1, 1), (2, 2), (3, 2), (4, 3), (5, 3)]  # one at setup (the start), then after steps 2 and 4

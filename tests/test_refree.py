@@ -111,13 +111,6 @@ def test_the_snapshot_and_the_cache_refresh_on_schedule(clip_batch):
     module = lora_module(refresh_every=3)
     refree = module.algorithm
 
-    class Step:  # what on_step_end reads of the trainer's module
-        def __init__(self, module, step):
-            self.module, self.global_step = module, step
-
-        def __getattr__(self, name):
-            return getattr(self.module, name)
-
     refree.loss(module, clip_batch)
     assert len(refree.cache) == 4 and refree.self_play_sampled == 4
     refree.loss(module, clip_batch)  # cached: nothing sampled again
@@ -126,11 +119,11 @@ def test_the_snapshot_and_the_cache_refresh_on_schedule(clip_batch):
     x_t, t = torch.randn(4, 192, 5, 8, 8), torch.full((4,), 400.0)
     cond = module.denoiser.condition(clip_batch)
     for step in (1, 2):
-        refree.on_step_end(Step(module, step))
+        refree.on_step_end(module, step)
         assert len(refree.cache) == 4
     with module.reference() as lagged, torch.no_grad():
         assert (lagged(x_t, t, cond) - module.denoiser(x_t, t, cond)).abs().max() > 1e-4  # still the start
-    refree.on_step_end(Step(module, 3))
+    refree.on_step_end(module, 3)
     assert len(refree.cache) == 0 and refree.refreshes == 1
     with module.reference() as lagged, torch.no_grad():
         torch.testing.assert_close(lagged(x_t, t, cond), module.denoiser(x_t, t, cond), rtol=0, atol=0)

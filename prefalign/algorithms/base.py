@@ -52,8 +52,9 @@ class Algorithm:
     def setup(self, module: AlignmentModule) -> None:
         """Called once the module is on its device, before training (create buffers, snapshots)."""
 
-    def on_step_end(self, module: AlignmentModule) -> None:
-        """Called after every optimizer step (refresh a reference, a cache of negatives...)."""
+    def on_step_end(self, module: AlignmentModule, step: int) -> None:
+        """Called after every optimizer step, ``step`` being the number of steps done (1 after the first): refresh a
+        reference, a cache of negatives... (before a checkpoint of that step is written)."""
 
     def state_dict(self) -> dict:
         """What the method keeps between steps (caches, counters, generators, running statistics), for exact

@@ -97,8 +97,14 @@ class DiffusionDPO(Algorithm):
         self.aspect_weights = aspect_weights
         self.reference_refresh_every = reference_refresh_every
 
-    def on_step_end(self, module) -> None:
-        if self.reference_refresh_every and module.global_step % self.reference_refresh_every == 0:
+    def setup(self, module) -> None:
+        if self.reference_refresh_every:
+            # The starting policy as a lagged snapshot (the same model): its tensors exist from the start, so a
+            # strategy that loads checkpoints strictly before our hook (FSDP) finds them when resuming.
+            module.refresh_reference()
+
+    def on_step_end(self, module, step: int) -> None:
+        if self.reference_refresh_every and step % self.reference_refresh_every == 0:
             module.refresh_reference()
 
     def pair_weights(self, batch: dict, size: int, device: torch.device) -> torch.Tensor:

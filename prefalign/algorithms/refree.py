@@ -161,8 +161,8 @@ class ReFree(Algorithm):
         module.refresh_reference()  # the lagged reference starts as the starting policy
         self.cache.clear()
 
-    def on_step_end(self, module: AlignmentModule) -> None:
-        if module.global_step % self.refresh_every == 0:
+    def on_step_end(self, module: AlignmentModule, step: int) -> None:
+        if step % self.refresh_every == 0:
             module.refresh_reference()
             self.cache.clear()
             self.refreshes += 1

@@ -530,8 +530,8 @@ class CachedClipDataset(Dataset):
     Args:
         cache (LatentCache): the cache.
         indices (list[int] | None): the entries served, in order; ``None``: all of them.
-        on_bad_sample (str): ``raise`` on an unreadable tensor, or ``skip``: give the data module's ``Skipped``
-            record instead, which the collate counts.
+        on_bad_sample (str): ``raise`` on an unreadable tensor, or ``skip``: count it and serve the next readable
+            window in its place (``datamodule.load_or_stand_in``).
     """
 
     def __init__(self, cache: LatentCache, indices: Optional[list[int]] = None, on_bad_sample: str = "raise"):
@@ -543,18 +543,16 @@ class CachedClipDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, key: Union[int, tuple[int, int]]):
-        index = key[0] if isinstance(key, tuple) else key
-        try:
-            return self.cache.read(self.indices[index])
-        except DataError as error:
-            if self.on_bad_sample == "raise":
-                raise
-            # Imported here: the data module imports this file.
-            from prefalign.data.datamodule import Skipped
+        # Imported here: the data module imports this file.
+        from prefalign.data.datamodule import Skipped, load_or_stand_in
 
-            log.warning("skipping a bad sample: %s", error)
-            entry = self.cache.entries[self.indices[index]]
+        def skipped(i: int, error: DataError) -> Skipped:
+            entry = self.cache.entries[self.indices[i]]
             return Skipped(entry["id"], str(self.cache.folder / entry["shard"]), error.path, error.field, error.message)
+
+        index = key[0] if isinstance(key, tuple) else key
+        return load_or_stand_in(index, len(self), lambda i: self.cache.read(self.indices[i]), skipped,
+                                self.on_bad_sample == "skip")
 
 
 # --- command ------------------------------------------------------------------------------------------------------------

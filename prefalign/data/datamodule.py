@@ -7,7 +7,7 @@ import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator, Literal, Optional, Union
+from typing import Callable, Iterator, Literal, Optional, Union
 
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
@@ -67,13 +67,41 @@ class Skipped:
     reason: str
 
 
+#: How many following samples a bad one's stand-in is looked for among (see :func:`load_or_stand_in`).
+STAND_IN_TRIES = 16
+
+
+def load_or_stand_in(index: int, size: int, load: Callable[[int], dict], skipped: Callable[[int, DataError], Skipped],
+                     skip: bool) -> Union[dict, Skipped]:
+    """Sample ``index`` through ``load``. A bad one raises under ``raise``; under ``skip`` it is logged and replaced
+    by the next sample that loads, which carries the bad one's :class:`Skipped` record (``skipped_samples``) for the
+    collate to count. Batches so keep their size: under DDP a rank with an empty batch would skip its backward and
+    stall the others at the gradient all-reduce. Only when none of the next ``STAND_IN_TRIES`` loads either is the
+    record returned alone (the collate drops it)."""
+    try:
+        return load(index)
+    except DataError as error:
+        if not skip:
+            raise
+        log.warning("skipping a bad sample: %s", error)
+        record = skipped(index, error)
+    for offset in range(1, min(size, STAND_IN_TRIES + 1)):
+        try:
+            item = load((index + offset) % size)
+        except DataError:
+            continue  # counted when its own turn comes
+        return {**item, "skipped_samples": [record]}
+    return record
+
+
 class ClipDataset(Dataset):
     """Decodes one manifest row into ``id``, ``video [T,3,H,W]``, ``audio [S]``, ``reference [3,H,W]``, ``pose [T,K,2]``.
 
     Rows without a video (conditions for ``predict``) give ``audio``, ``reference`` and ``num_frames`` from
     the audio's duration. With ``on_bad_sample="skip"`` a bad row gives a :class:`Skipped` record (counted by
-    the collate). An index may be ``(index, epoch)`` (what :class:`EpochSampler` yields): the random crop is
-    then drawn from ``(seed, epoch, row)``, the same in every worker and after a resume.
+    the collate) and replaced by a stand-in (:func:`load_or_stand_in`). An index may be ``(index, epoch)`` (what
+    :class:`EpochSampler` yields): the random crop is then drawn from ``(seed, epoch, row)``, the same in every
+    worker and after a resume.
     """
 
     def __init__(
@@ -106,15 +134,15 @@ class ClipDataset(Dataset):
 
     def __getitem__(self, key: Union[int, tuple[int, int]]) -> Union[dict, Skipped]:
         index, epoch = key if isinstance(key, tuple) else (key, None)
-        row_index = self.indices[index]
-        row = self.manifest.rows[row_index]
-        try:
-            return self.load(row, row_index, epoch)
-        except DataError as error:
-            if self.on_bad_sample == "raise":
-                raise
-            log.warning("skipping a bad sample: %s", error)
-            return Skipped(str(row.get("id", row_index)), self.manifest.source, error.path, error.field, error.message)
+
+        def load(i: int) -> dict:
+            return self.load(self.manifest.rows[self.indices[i]], self.indices[i], epoch)
+
+        def skipped(i: int, error: DataError) -> Skipped:
+            row_id = str(self.manifest.rows[self.indices[i]].get("id", self.indices[i]))
+            return Skipped(row_id, self.manifest.source, error.path, error.field, error.message)
+
+        return load_or_stand_in(index, len(self), load, skipped, self.on_bad_sample == "skip")
 
     def load(self, row: dict, row_index: int, epoch: Optional[int] = None) -> dict:
         if row.get("video") is None:
@@ -234,13 +262,15 @@ def collate_clips(items: list[Union[dict, Skipped, None]]) -> dict:
     ``batch["skipped"]`` and listed in ``batch["skipped_samples"]``."""
     kept = [item for item in items if isinstance(item, dict)]
     skipped = [item for item in items if isinstance(item, Skipped)]
-    batch: dict = {"skipped": len(items) - len(kept), "size": len(kept), "id": [item["id"] for item in kept]}
+    skipped += [record for item in kept for record in item.get("skipped_samples", [])]  # items stood in for
+    count = len(skipped) + sum(item is None for item in items)
+    batch: dict = {"skipped": count, "size": len(kept), "id": [item["id"] for item in kept]}
     if skipped:
         batch["skipped_samples"] = skipped
     if not kept:
         return batch
     for key in kept[0]:
-        if key == "id":
+        if key in ("id", "skipped_samples"):
             continue
         if any(key not in item for item in kept):
             raise DataError(f"some clips of this batch have '{key}' and some do not: give it for all rows", field=key)
