@@ -8,6 +8,7 @@ import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from prefalign.data import media
+from prefalign.files import safe_name
 
 
 class VideoWriter(BasePredictionWriter):
@@ -32,7 +33,8 @@ class VideoWriter(BasePredictionWriter):
             if audio is not None:
                 # The audio covers the predicted frames exactly (the data module cut it so).
                 track = audio[index, : round(frames.shape[1] * sample_rate / fps)].float().cpu().numpy()
-            media.write_video(self.output_dir / f"{clip_id}.mp4", frames[index], fps, audio=track, sample_rate=sample_rate)
+            media.write_video(self.output_dir / f"{safe_name(clip_id)}.mp4", frames[index], fps, audio=track,
+                              sample_rate=sample_rate)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:

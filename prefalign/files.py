@@ -4,6 +4,7 @@ file or the whole new one, never half of it after a crash."""
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -27,3 +28,10 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def safe_name(name: str) -> str:
+    """A clip id as a file name: characters other than letters, digits, ``.``, ``_`` and ``-`` become ``_`` (an id
+    such as ``speaker/clip 3`` must not reach into other folders or fail at the end of an evaluation)."""
+    cleaned = re.sub(r"[^\w.-]", "_", name).lstrip(".")
+    return cleaned or "_"

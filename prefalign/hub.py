@@ -9,7 +9,7 @@ import math
 import re
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 import lightning as L
 import torch
@@ -400,13 +400,18 @@ class PushToHub(L.Callback):
                        final=True)  # fmt: skip
 
     def _push(self, trainer: L.Trainer, pl_module: L.LightningModule, message: str, final: bool) -> None:
-        # Every rank takes part: the strategy gathers sharded weights (FSDP) and the module's hook may filter.
-        checkpoint = {"state_dict": trainer.strategy.lightning_module_state_dict(), "global_step": trainer.global_step}
-        pl_module.on_save_checkpoint(checkpoint)
+        from prefalign import checkpoints
+
+        # Every rank takes part: the strategy gathers sharded weights (FSDP). Only the trained tensors and the run's
+        # description are needed, not the checkpoint hook's gathered random and algorithm states.
+        state = trainer.strategy.lightning_module_state_dict()
         if not trainer.is_global_zero:
             return
-        if "prefalign" not in checkpoint:
-            checkpoint = describe_live_run(pl_module, checkpoint)
+        checkpoint = {
+            "state_dict": checkpoints.drop_frozen(state, pl_module),
+            "prefalign": checkpoints.run_metadata(pl_module),
+            "global_step": trainer.global_step,
+        }
         saved = Path(trainer.log_dir or ".") / "config.yaml"
         recipe = saved.read_text() if saved.is_file() else None
         try:
@@ -421,33 +426,6 @@ class PushToHub(L.Callback):
                         self.repo_id, trainer.global_step, type(error).__name__, error)  # fmt: skip
             return
         log.info("PushToHub: pushed step %d to %s: commit %s", trainer.global_step, self.repo_id, info.oid)
-
-
-def describe_live_run(module: Any, checkpoint: dict) -> dict:
-    """The ``prefalign`` entry and the trained tensors of a live LoRA ``AlignmentModule``, for modules whose
-    ``on_save_checkpoint`` does not write them."""
-    denoiser, settings = module.denoiser, module.lora
-    config = denoiser.backbone.peft_config["default"]
-    new_modules = list(denoiser.new_modules()) if settings.train_new_modules else []
-    kept = tuple(f"denoiser.{name}." for name in new_modules)
-    state = {
-        key: value
-        for key, value in checkpoint["state_dict"].items()
-        if (key.startswith("denoiser.backbone.") and ".lora_" in key) or key.startswith(kept)
-    }
-    meta = {
-        "lora": {
-            "rank": config.r,
-            "alpha": config.lora_alpha,
-            "dropout": config.lora_dropout,
-            "target_modules": sorted(config.target_modules),
-            "train_new_modules": settings.train_new_modules,
-        },
-        "algorithm": getattr(module.algorithm, "name", type(module.algorithm).__name__),
-        "base_model": getattr(denoiser, "base_model_id", None) or getattr(denoiser, "pretrained", None),
-        "denoiser": type(denoiser).__name__,
-    }
-    return {**checkpoint, "state_dict": state, "prefalign": meta}
 
 
 # --- loading -------------------------------------------------------------------------------------------------------
@@ -516,10 +494,17 @@ def _adapter_folder(source: Union[str, Path], revision: Optional[str]) -> Path:
     path = Path(source).expanduser()
     if path.is_dir():
         return path
-    text = str(source)
-    if text.count("/") > 1 or text.startswith((".", "/", "~")) or path.suffix:
-        raise FileNotFoundError(f"no adapter folder at {source} (nor is it a Hub repo id, owner/name)")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    text = str(source)
+    try:  # "you/wan2.1-lora" is a repo id; "./runs/x", "/abs/path", "a/b/c" are not
+        validate_repo_id(text)
+        if text.startswith((".", "~")) or text.count("/") != 1:
+            raise HFValidationError(text)
+    except HFValidationError:
+        raise FileNotFoundError(f"no adapter folder at {source} (nor is it a Hub repo id, owner/name)") from None
 
     allow = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODULES]
     return Path(snapshot_download(text, revision=revision, allow_patterns=allow))

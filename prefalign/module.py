@@ -22,7 +22,8 @@ from prefalign.algorithms.sft import SFT
 from prefalign.data import media
 from prefalign.data.datamodule import SkipSummary
 from prefalign.data.errors import DataError
-from prefalign.denoisers.base import PortraitDenoiser, join_chunks
+from prefalign.files import safe_name
+from prefalign.denoisers.base import PortraitDenoiser, frames_of, join_chunks
 from prefalign.processes.base import Process
 
 log = logging.getLogger(__name__)
@@ -317,6 +318,10 @@ class AlignmentModule(L.LightningModule):
             cache = datamodule.cache("train")
             if cache is not None:
                 cache.check(self.denoiser, datamodule.fps, datamodule.sample_rate, datamodule.num_frames)
+                train = datamodule.sources["train"]
+                if train is not None and not same_source(cache.manifest["source"], train):
+                    raise DataError(f"the latent cache was made from {cache.manifest['source']}, this run's training "
+                                    f"data is {train}", path=cache.path, field="source")
             available, source = datamodule.available_fields("train"), datamodule.source("train")
             self.algorithm.check_fields(available, source)
             for field in self.denoiser.required_fields:
@@ -415,7 +420,7 @@ class AlignmentModule(L.LightningModule):
         folder.mkdir(parents=True, exist_ok=True)
         frames = (video.permute(0, 1, 3, 4, 2).float().cpu() * 255).round().byte().numpy()
         for index, clip_id in enumerate(batch["id"]):
-            media.write_video(folder / f"{clip_id}.mp4", frames[index], self.denoiser.fps,
+            media.write_video(folder / f"{safe_name(clip_id)}.mp4", frames[index], self.denoiser.fps,
                               audio=batch["audio"][index].float().cpu().numpy(), sample_rate=self.sample_rate)
 
     # --- evaluation: prefalign test ---------------------------------------------------------------------------------
@@ -427,7 +432,7 @@ class AlignmentModule(L.LightningModule):
         self._log_skips(batch, "test")
         if batch.get("size", 1) == 0:
             return
-        num_frames = batch["video"].shape[1] if "video" in batch else int(batch["num_frames"][0])
+        num_frames = frames_of(batch)
         video = self.generate(batch, num_frames=num_frames)
         self._test_table.add(batch["id"], self.score_videos(video, batch))
         out = self.evaluation_folder()
@@ -457,7 +462,7 @@ class AlignmentModule(L.LightningModule):
         return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "test"
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        num_frames = batch["video"].shape[1] if "video" in batch else int(batch["num_frames"][0])
+        num_frames = frames_of(batch)
         video = self.generate(batch, num_frames=num_frames)
         return {"id": batch["id"], "video": video.cpu(), "audio": batch.get("audio")}
 
@@ -565,6 +570,11 @@ class AlignmentModule(L.LightningModule):
         jitter and head offset, SSIM and PSNR against the ground truth, and every term of the algorithm's reward."""
         reward = getattr(self.algorithm, "reward", None)
         return evaluation.clip_scores(video, batch, self.denoiser.fps, self.sample_rate, [reward] if reward else None)
+
+
+def same_source(a: str, b: str) -> bool:
+    """Whether two manifest sources are the same: the same file however written, or the same Hub id."""
+    return Path(a).resolve() == Path(b).resolve() if Path(a).exists() and Path(b).exists() else a == b
 
 
 def log_image(loggers: list, tag: str, image, step: int) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from prefalign.data import media
 from prefalign.data.errors import DataError
+from prefalign.denoisers.base import frames_of
 from prefalign.rewards.base import Reward
 
 ASPECTS = ("lip_sync", "expression", "motion")
@@ -81,7 +82,7 @@ def sample_pairs(
     for batch in datamodule.predict_dataloader():
         if batch["size"] == 0:
             continue
-        num_frames = batch["video"].shape[1] if "video" in batch else int(batch["num_frames"][0])
+        num_frames = frames_of(batch)
         videos, totals, terms = [], [], []
         for k in range(num_samples):
             settings = replace(module.sampling, seed=seed + k, num_steps=num_steps or module.sampling.num_steps)

@@ -312,3 +312,19 @@ def test_a_pixel_algorithm_refuses_the_cache(cache, talkingshapes):
     with pytest.raises(DataError, match="ReFree algorithm needs the field 'video'") as error:
         trainer.fit(module, datamodule=datamodule(talkingshapes, latent_cache=str(cache.folder)))
     assert error.value.path == str(cache.path)
+
+
+def test_a_cache_of_other_training_data_is_refused(cache, talkingshapes, tmp_path):
+    import lightning as L
+
+    from prefalign.module import AlignmentModule
+    from prefalign.processes import FlowMatching
+
+    other = tmp_path / "manifest.jsonl"
+    other.write_text(talkingshapes.read_text())  # same rows, another manifest: not what the cache was made from
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0)
+    with pytest.raises(DataError, match="the latent cache was made from") as error:
+        trainer.fit(AlignmentModule(tiny_wan(), FlowMatching()),
+                    datamodule=datamodule(other, latent_cache=str(cache.folder)))
+    assert error.value.field == "source"

@@ -85,7 +85,7 @@ def test_sampled_pairs_then_dpo_trains_on_them(talkingshapes, tmp_path, monkeypa
     main(["fit", "--config", str(ROOT / "recipes" / "demo" / "dpo.yaml"), "--data.train", str(tmp_path / "pairs" / "pairs.jsonl"),
           "--data.val", str(talkingshapes), "--model.init_weights", "null", "--trainer.max_steps", "2",
           "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1"])
-    metrics_csv = next(p for p in tmp_path.rglob("metrics.csv") if "dpo" in str(p)).read_text()
+    metrics_csv = next(tmp_path.glob("runs/demo-dpo/csv/*/metrics.csv")).read_text()
     assert "train/implicit_accuracy" in metrics_csv and "train/reward_margin" in metrics_csv
 
 

@@ -43,7 +43,7 @@ class Algorithm:
         for field in self.required_fields:
             if field not in available:
                 raise DataError(
-                    f"the {self.name} algorithm needs the field '{field}', which this dataset does not provide "
+                    f"the {self.name} algorithm needs the field '{field}', which this dataset does not provide in every row "
                     f"(it has: {', '.join(sorted(available)) or 'nothing'})",
                     path=source,
                     field=field,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from prefalign.algorithms.base import Algorithm
-from prefalign.denoisers.base import join_chunks
+from prefalign.denoisers.base import frames_of, join_chunks
 from prefalign.processes.base import randn
 from prefalign.rewards.base import Reward
 from prefalign.rewards.composite import CompositeReward, group_advantages
@@ -262,7 +262,7 @@ class GRPO(Algorithm):
         optimizer, scheduler = module.optimizers(), module.lr_schedulers()
         g = self.group_size
         num_conditions = batch["reference"].shape[0]
-        num_frames = batch["video"].shape[1] if "video" in batch else int(batch["num_frames"][0])
+        num_frames = frames_of(batch)
         expanded = {
             k: (v.repeat_interleave(g, dim=0) if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == num_conditions else v)
             for k, v in batch.items()

@@ -170,14 +170,14 @@ class ReFree(Algorithm):
     def state_dict(self) -> dict:
         return {
             "generator": self.generator.get_state(),
-            "cache": [[*key, value] for key, value in self.cache.items()],
+            "cache": [[*key, value.cpu()] for key, value in self.cache.items()],  # gathered from every rank: on CPU
             "refreshes": self.refreshes,
             "self_play_sampled": self.self_play_sampled,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-        self.cache = {tuple(entry[:-1]): entry[-1] for entry in state["cache"]}
+        self.cache = {tuple(entry[:-1]): entry[-1] for entry in state["cache"]}  # moved to the device when used
         self.refreshes = state["refreshes"]
         self.self_play_sampled = state["self_play_sampled"]
 
@@ -220,7 +220,7 @@ class ReFree(Algorithm):
         latents = module.denoiser.encode_video(perturbed)
         played = self.self_play(module, batch, [i for i, k in enumerate(kinds) if k == "self_play"])
         for i, value in played.items():
-            latents[i] = value.to(latents.dtype)
+            latents[i] = value.to(latents.device, latents.dtype)
         return latents, kinds
 
     # --- the loss -------------------------------------------------------------------------------------------------

@@ -236,7 +236,7 @@ def preprocess(
             f"the audio encoder takes {encoder.sample_rate} Hz, the data module gives {datamodule.sample_rate} Hz"
         )
 
-    dataset = datamodule.dataset(split)
+    dataset = datamodule.dataset(split, cached=False)  # decode the clips, even where a recipe names a cache
     dataset.random_crop = False  # windows start where the stride says
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)

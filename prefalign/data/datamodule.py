@@ -458,8 +458,9 @@ class PortraitDataModule(L.LightningDataModule):
         cache = self.cache(name)
         return set(cache.fields) if cache is not None else self.split(name)[0].fields()
 
-    def dataset(self, name: str) -> Dataset:
-        cache = self.cache(name)
+    def dataset(self, name: str, cached: bool = True) -> Dataset:
+        """The split's dataset: the latent cache's windows where one feeds it (and ``cached``), else decoded clips."""
+        cache = self.cache(name) if cached else None
         if cache is not None:
             from prefalign.data.cache import CachedClipDataset
 

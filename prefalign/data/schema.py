@@ -40,7 +40,8 @@ class Manifest:
 
     def fields(self) -> set[str]:
         """The batch fields this manifest can provide, counting those derived from the video."""
-        fields = {c for c in self.columns if any(row.get(c) is not None for row in self.rows)}
+        # Only columns every row fills: one given in some rows only would fail mid-epoch, when a batch mixes them.
+        fields = {c for c in self.columns if all(row.get(c) is not None for row in self.rows)}
         if "video" in fields:
             fields |= {"audio", "reference"}
         return fields

@@ -167,12 +167,7 @@ class PortraitDenoiser(nn.Module):
         if reference is None:
             raise DataError("the denoiser needs a reference image (or a video whose first frame serves)", field="reference")
         if num_frames is None:
-            if "video" in batch:
-                num_frames = batch["video"].shape[1]
-            elif "num_frames" in batch:
-                num_frames = int(batch["num_frames"][0])
-            else:
-                raise DataError("number of frames unknown: give a video or the frame count", field="video")
+            num_frames = frames_of(batch)
         self.codec.num_latent_frames(num_frames)
         cond = {"reference": self.encode_reference(reference, num_frames), "num_frames": num_frames}
         if self.audio_encoder is not None:
@@ -236,6 +231,15 @@ class PortraitDenoiser(nn.Module):
     def backbone_forward(self, noisy_latents: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """Run the backbone on ``noisy_latents [B, C, F, h, w]`` with the reference in the family's layout."""
         raise NotImplementedError
+
+
+def frames_of(batch: dict) -> int:
+    """A batch's clip length in frames: its video's, else its ``num_frames`` (conditions to animate, cached latents)."""
+    if "video" in batch:
+        return batch["video"].shape[1]
+    if "num_frames" in batch:
+        return int(batch["num_frames"][0])
+    raise DataError("number of frames unknown: give a video or the frame count", field="video")
 
 
 def join_chunks(chunks: list[torch.Tensor], overlap: int, num_frames: int) -> torch.Tensor:
