@@ -22,7 +22,7 @@ from prefalign.algorithms.sft import SFT
 from prefalign.data import media
 from prefalign.data.datamodule import SkipSummary
 from prefalign.data.errors import DataError
-from prefalign.files import safe_name
+from prefalign.files import atomic_write, safe_name
 from prefalign.denoisers.base import PortraitDenoiser, frames_of, join_chunks
 from prefalign.processes.base import Process
 
@@ -623,4 +623,5 @@ def export_denoiser_weights(checkpoint: str, out: str, dtype: str = "float32") -
     }
     if any("lora_" in key for key in weights):
         raise ValueError(f"{checkpoint} is a LoRA run: export its adapters, not merged base weights")
-    save_file(weights, out, metadata={"source": str(checkpoint)})
+    with atomic_write(out) as tmp:
+        save_file(weights, str(tmp), metadata={"source": str(checkpoint)})
