@@ -36,15 +36,17 @@ class KillAt(L.Callback):
 
 
 class LossLog(L.Callback):
-    """Appends ``step loss`` lines to a file as each step ends (flushed: they survive a SIGKILL)."""
+    """Appends ``step loss...`` lines to a file as each step ends (flushed: they survive a SIGKILL); the loss, or for
+    GRPO its policy loss and rollout reward."""
 
     def __init__(self, path: str):
         self.path = path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        loss = trainer.callback_metrics["train/loss"].item()
+        metrics = trainer.callback_metrics
+        values = [repr(metrics[k].item()) for k in ("train/loss", "train/policy_loss", "train/reward") if k in metrics]
         with open(self.path, "a") as handle:
-            handle.write(f"{trainer.global_step} {loss!r}\n")
+            handle.write(f"{trainer.global_step} {' '.join(values)}\n")
 
 
 def recipe(tmp_path: Path, data: Path, algorithm: dict, lora: bool, max_steps: int, keep_all: bool = False) -> Path:
@@ -101,7 +103,7 @@ def fit(config: Path, losses: Path, *extra: str, log: str = "test_checkpoints.Lo
 
 
 def read_losses(path: Path) -> dict[int, str]:
-    return {int(step): loss for step, loss in (line.split() for line in path.read_text().splitlines())}
+    return {int(step): losses for step, losses in (line.split(maxsplit=1) for line in path.read_text().splitlines())}
 
 
 @pytest.fixture(scope="module")
