@@ -6,12 +6,14 @@ and a run resumed from a checkpoint repeats every rank's losses exactly.
 
 import hashlib
 import json
+import os
+import subprocess
 
 import lightning as L
 import pytest
 import torch
 
-from test_checkpoints import CASES, fit, pairs, recipe  # noqa: F401 (pairs: a fixture)
+from test_checkpoints import CASES, PREFALIGN, TESTS, fit, pairs, recipe  # noqa: F401 (pairs: a fixture)
 
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
 
@@ -72,3 +74,22 @@ def test_two_process_ddp_fit_and_resume(case, tmp_path, talkingshapes, request):
         assert sorted(resumed) == list(range(4, steps + 1))
         assert {s: resumed[s]["loss"] for s in resumed} == {s: ranks[rank][0][s]["loss"] for s in resumed}
         assert weights == ranks[rank][1]
+
+
+def test_two_process_ddp_evaluation_gathers_every_clip_once(tmp_path, talkingshapes):
+    """`prefalign test` on 2 ranks: each scores its share, rank 0 writes one table with every test clip once."""
+    algorithm, lora = CASES["sft-full"]
+    config = recipe(tmp_path, talkingshapes, algorithm, lora, max_steps=1)
+    result = fit(config, tmp_path / "losses")
+    assert result.returncode == 0, result.stderr[-3000:]
+    env = dict(os.environ, PYTHONPATH=str(TESTS), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    command = [PREFALIGN, "test", "--config", str(config), "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"),
+               "--data.test", str(talkingshapes), "--data.num_frames", "9", "--data.eval_batch_size", "4",
+               "--model.sampling.num_steps", "2", "--model.evaluation_dir", str(tmp_path / "eval"), *DDP]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    ids = [clip["id"] for clip in table["clips"]]
+    expected = [json.loads(line)["id"] for line in talkingshapes.read_text().splitlines()]
+    assert sorted(ids) == sorted(expected)  # 12 clips, 6 a rank: each scored once, none lost
+    assert table["metrics"]["sync"]["count"] == len(expected)
