@@ -451,6 +451,9 @@ class AlignmentModule(L.LightningModule):
             table.write(out)
             rows = [(name, stats["mean"], stats["std"], stats["count"]) for name, stats in table.summary().items()]
             print(f"evaluation of {len(table.rows())} clips written to {out}")
+            if table.repeated_ids:
+                print(f"  {table.repeated_ids} rows repeated a clip id already in the table and were left out "
+                      "(DistributedSampler pads ranks with repeated clips; or the manifest repeats ids)")
             for name, mean, std, count in rows:
                 print(f"  {name:<20} {mean!r:>24} ± {std!r} (n={count})")
         self._report_skips("test")
