@@ -35,6 +35,12 @@ class KillAt(L.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def step_losses(trainer) -> str:
+    """The step's logged loss, or for GRPO its policy loss and rollout reward, as exact reprs."""
+    metrics = trainer.callback_metrics
+    return " ".join(repr(metrics[k].item()) for k in ("train/loss", "train/policy_loss", "train/reward") if k in metrics)
+
+
 class LossLog(L.Callback):
     """Appends ``step loss...`` lines to a file as each step ends (flushed: they survive a SIGKILL); the loss, or for
     GRPO its policy loss and rollout reward."""
@@ -43,10 +49,8 @@ class LossLog(L.Callback):
         self.path = path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        metrics = trainer.callback_metrics
-        values = [repr(metrics[k].item()) for k in ("train/loss", "train/policy_loss", "train/reward") if k in metrics]
         with open(self.path, "a") as handle:
-            handle.write(f"{trainer.global_step} {' '.join(values)}\n")
+            handle.write(f"{trainer.global_step} {step_losses(trainer)}\n")
 
 
 def recipe(tmp_path: Path, data: Path, algorithm: dict, lora: bool, max_steps: int, keep_all: bool = False) -> Path:
