@@ -1551,15 +1551,12 @@ CHECKPOINT_TRAIN_STEPS = 2  # optimizer steps before saving, so that AdamW's sta
 
 def lightning_checkpoint(module, optimizer: torch.optim.Optimizer, whole: bool) -> dict:
     """What ``ModelCheckpoint`` writes for our module in one process, less Lightning's own bookkeeping (epoch,
-    loops, callbacks: a few KiB): the model part as ``on_save_checkpoint`` leaves it (``trained_checkpoint()``:
+    loops, callbacks: a few KiB): the model part as ``on_save_checkpoint`` leaves it (``checkpoints.model_part``:
     the trained tensors only; ``on_save_checkpoint`` itself gathers random states through a Trainer), or with
     ``whole`` the unfiltered ``state_dict()``; then the optimizer's state, the algorithm's and the random state."""
     from prefalign import checkpoints
 
-    if whole:
-        checkpoint = {"state_dict": module.state_dict(), "prefalign": checkpoints.run_metadata(module)}
-    else:
-        checkpoint = module.trained_checkpoint()
+    checkpoint = checkpoints.model_part(module.state_dict(), module, keep_frozen=whole)
     checkpoint["optimizer_states"] = [optimizer.state_dict()]
     checkpoint["algorithm_states"] = [module.algorithm.state_dict()]
     checkpoint["rng_states"] = [checkpoints.rng_state()]
@@ -1656,7 +1653,7 @@ def checkpoint_save(bench: Bench) -> Figure:
             'MelAudioEncoder and audio attention, `FlowMatching`, `DiffusionDPO`, AdamW), after `module.setup("fit")` '
             f"and {CHECKPOINT_TRAIN_STEPS} training steps on the demo batch of {DEMO_DATA['batch_size']} pairs, so that "
             "AdamW's state exists. A step builds the checkpoint `ModelCheckpoint` writes for our module in one process "
-            "(`module.trained_checkpoint()`, what `on_save_checkpoint` keeps: the trained tensors and the run's "
+            "(`checkpoints.model_part(module.state_dict(), module)`, what `on_save_checkpoint` keeps: the trained tensors and the run's "
             "metadata, with `optimizer_states`, `algorithm_states` and the random state added; Lightning's own "
             "bookkeeping of a few KiB left out) and writes it with Lightning's `_atomic_save` (`torch.save` into "
             "memory, then an fsspec transaction: a temporary file moved over the target), over the same file every "

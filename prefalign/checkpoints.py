@@ -49,6 +49,13 @@ def drop_frozen(state: dict[str, torch.Tensor], module: nn.Module) -> dict[str, 
     return {key: value for key, value in state.items() if key not in frozen}
 
 
+def model_part(state: dict[str, torch.Tensor], module: nn.Module, keep_frozen: bool = False) -> dict:
+    """A checkpoint's model part: the state dict (without its frozen parameters unless ``keep_frozen``) and the
+    run's description (``checkpoint["prefalign"]``)."""
+    kept = state if keep_frozen else drop_frozen(state, module)
+    return {"state_dict": kept, "prefalign": {**run_metadata(module), "frozen_left_out": len(state) - len(kept)}}
+
+
 def restore_frozen(state: dict[str, torch.Tensor], module: nn.Module) -> int:
     """Fill the frozen parameters a checkpoint left out from ``module``'s current values; returns how many.
 
@@ -83,8 +90,8 @@ def check_run(recorded: Optional[dict], module) -> None:
 
 # --- random states -------------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, torch.Tensor]:
-    """This process's torch, CUDA, numpy and Python random states as tensors (so that they can be gathered
-    from every rank, and loaded with ``weights_only``)."""
+    """This process's torch, CUDA, numpy and Python random states as tensors (so that checkpoints holding them load
+    with ``weights_only``)."""
     version, words, gauss = random.getstate()
     _, keys, position, has_gauss, cached = np.random.get_state()
     state = {
@@ -110,15 +117,6 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     numpy = state["numpy"].tolist()
     keys = np.asarray(numpy[:-2], dtype=np.uint32)
     np.random.set_state(("MT19937", keys, numpy[-2], numpy[-1], float(state["numpy_gauss"][0])))
-
-
-def gathered_rng_state(module) -> list[dict[str, torch.Tensor]]:
-    """Every rank's :func:`rng_state`, in rank order (a collective under DDP: call it on all ranks)."""
-    state = rng_state()
-    if module.trainer.world_size == 1:
-        return [state]
-    gathered = {key: module.all_gather(value.to(module.device)).cpu() for key, value in state.items()}
-    return [{key: value[rank] for key, value in gathered.items()} for rank in range(module.trainer.world_size)]
 
 
 def gathered_objects(module, value) -> list:

@@ -407,11 +407,7 @@ class PushToHub(L.Callback):
         state = trainer.strategy.lightning_module_state_dict()
         if not trainer.is_global_zero:
             return
-        checkpoint = {
-            "state_dict": checkpoints.drop_frozen(state, pl_module),
-            "prefalign": checkpoints.run_metadata(pl_module),
-            "global_step": trainer.global_step,
-        }
+        checkpoint = {**checkpoints.model_part(state, pl_module), "global_step": trainer.global_step}
         saved = Path(trainer.log_dir or ".") / "config.yaml"
         recipe = saved.read_text() if saved.is_file() else None
         try:

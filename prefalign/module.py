@@ -22,7 +22,7 @@ from prefalign.algorithms.sft import SFT
 from prefalign.data import media
 from prefalign.data.datamodule import SkipSummary
 from prefalign.data.errors import DataError
-from prefalign.files import atomic_write, safe_name
+from prefalign.files import atomic_write
 from prefalign.denoisers.base import PortraitDenoiser, frames_of, join_chunks
 from prefalign.processes.base import Process
 
@@ -252,30 +252,15 @@ class AlignmentModule(L.LightningModule):
             self._reference.load_state_dict(self.denoiser.state_dict())
 
     # --- checkpoints ---------------------------------------------------------------------------------------------
-    def trained_checkpoint(self) -> dict:
-        """A checkpoint's model part: the trained tensors (LoRA adapters and new modules under LoRA, the denoiser
-        without its frozen codec and audio encoder under full fine-tuning, reference snapshots) and the run's
-        description: what ``on_save_checkpoint`` keeps, without the collective calls (random and algorithm states of
-        every rank), so that one process can call it (benchmarks, tools). Under FSDP use the strategy's state dict."""
-        return {
-            "state_dict": checkpoints.drop_frozen(self.state_dict(), self),
-            "prefalign": checkpoints.run_metadata(self),
-        }
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint["state_dict"]
-        if not checkpoints.strategy_loads_weights(self.trainer.strategy):
-            checkpoint["state_dict"] = checkpoints.drop_frozen(state, self)
-        checkpoint["prefalign"] = {
-            **checkpoints.run_metadata(self),
-            "frozen_left_out": len(state) - len(checkpoint["state_dict"]),
-        }
+        keep_frozen = checkpoints.strategy_loads_weights(self.trainer.strategy)
+        checkpoint.update(checkpoints.model_part(checkpoint["state_dict"], self, keep_frozen))
         if self.trainer.fit_loop._should_accumulate():
             log.warning("checkpoint at step %d taken in the middle of a gradient accumulation window: the gradients "
                         "accumulated so far are not saved, so a resume from it is not exact", self.global_step)
         # Every rank's, for an exact resume: ranks draw their own noise and cache their own clips' negatives.
         checkpoint["algorithm_states"] = checkpoints.gathered_objects(self, self.algorithm.state_dict())
-        checkpoint["rng_states"] = checkpoints.gathered_rng_state(self)
+        checkpoint["rng_states"] = checkpoints.gathered_objects(self, checkpoints.rng_state())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpoints.check_run(checkpoint.get("prefalign"), self)
@@ -317,11 +302,8 @@ class AlignmentModule(L.LightningModule):
         if stage == "fit" and datamodule is not None and hasattr(datamodule, "available_fields"):
             cache = datamodule.cache("train")
             if cache is not None:
-                cache.check(self.denoiser, datamodule.fps, datamodule.sample_rate, datamodule.num_frames)
-                train = datamodule.sources["train"]
-                if train is not None and not same_source(cache.manifest["source"], train):
-                    raise DataError(f"the latent cache was made from {cache.manifest['source']}, this run's training "
-                                    f"data is {train}", path=cache.path, field="source")
+                cache.check(self.denoiser, datamodule.fps, datamodule.sample_rate, datamodule.num_frames,
+                            source=datamodule.sources["train"])
             available, source = datamodule.available_fields("train"), datamodule.source("train")
             self.algorithm.check_fields(available, source)
             for field in self.denoiser.required_fields:
@@ -413,15 +395,8 @@ class AlignmentModule(L.LightningModule):
         log_image(self.trainer.loggers, "val/samples", grid, self.global_step)
         if self.trainer.log_dir is None:
             return
-        self.write_videos(Path(self.trainer.log_dir) / "samples" / f"step_{self.global_step:06d}", video, batch)
-
-    def write_videos(self, folder: Path, video: torch.Tensor, batch: dict) -> None:
-        """``{folder}/{id}.mp4`` for every video ``[B, T, 3, H, W]`` of the batch, with its audio track."""
-        folder.mkdir(parents=True, exist_ok=True)
-        frames = (video.permute(0, 1, 3, 4, 2).float().cpu() * 255).round().byte().numpy()
-        for index, clip_id in enumerate(batch["id"]):
-            media.write_video(folder / f"{safe_name(clip_id)}.mp4", frames[index], self.denoiser.fps,
-                              audio=batch["audio"][index].float().cpu().numpy(), sample_rate=self.sample_rate)
+        folder = Path(self.trainer.log_dir) / "samples" / f"step_{self.global_step:06d}"
+        media.write_clips(folder, video, batch["id"], self.denoiser.fps, batch["audio"], self.sample_rate)
 
     # --- evaluation: prefalign test ---------------------------------------------------------------------------------
     def on_test_epoch_start(self) -> None:
@@ -436,7 +411,7 @@ class AlignmentModule(L.LightningModule):
         video = self.generate(batch, num_frames=num_frames)
         self._test_table.add(batch["id"], self.score_videos(video, batch))
         out = self.evaluation_folder()
-        self.write_videos(out / "videos", video, batch)
+        media.write_clips(out / "videos", video, batch["id"], self.denoiser.fps, batch["audio"], self.sample_rate)
         if batch_idx == 0 and self.trainer.is_global_zero:
             evaluation.sample_grid(video[:8].cpu(), out / "samples.png", references=batch["reference"][:8].cpu(),
                                    targets=batch["video"][:8].cpu() if "video" in batch else None,
@@ -573,11 +548,6 @@ class AlignmentModule(L.LightningModule):
         jitter and head offset, SSIM and PSNR against the ground truth, and every term of the algorithm's reward."""
         reward = getattr(self.algorithm, "reward", None)
         return evaluation.clip_scores(video, batch, self.denoiser.fps, self.sample_rate, [reward] if reward else None)
-
-
-def same_source(a: str, b: str) -> bool:
-    """Whether two manifest sources are the same: the same file however written, or the same Hub id."""
-    return Path(a).resolve() == Path(b).resolve() if Path(a).exists() and Path(b).exists() else a == b
 
 
 def log_image(loggers: list, tag: str, image, step: int) -> None:

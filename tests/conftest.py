@@ -48,3 +48,13 @@ def clip_batch(talkingshapes):
 
     dm = PortraitDataModule(train=str(talkingshapes), val_fraction=0.25, batch_size=4, num_frames=17)
     return next(iter(dm.train_dataloader()))
+
+
+def quiet_trainer(**kwargs):
+    """A CPU Trainer without logger, checkpoints, progress bar, summary or validation (tests that fit a few steps)."""
+    import lightning as L
+
+    options = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, limit_val_batches=0)
+    options.update(kwargs)
+    return L.Trainer(**options)

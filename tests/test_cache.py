@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import TINY_WAN, tiny_wan
+from conftest import TINY_WAN, quiet_trainer, tiny_wan
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
@@ -276,9 +276,7 @@ def losses_of_a_fit(algorithm, dm: PortraitDataModule, steps: int = 4) -> list[f
     L.seed_everything(0)
     module = AlignmentModule(tiny_wan(), FlowMatching(), algorithm=algorithm, lora=LoraSettings(rank=4))
     record = Record()
-    trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[record])
+    trainer = quiet_trainer(max_steps=steps, callbacks=[record])
     trainer.fit(module, datamodule=dm)
     return record.losses
 
@@ -300,30 +298,26 @@ def test_training_from_the_cache_repeats_training_from_decoded_clips(tmp_path, p
 
 
 def test_a_pixel_algorithm_refuses_the_cache(cache, talkingshapes):
-    import lightning as L
 
     from prefalign.algorithms import ReFree
     from prefalign.module import AlignmentModule, LoraSettings
     from prefalign.processes import FlowMatching
 
     module = AlignmentModule(tiny_wan(), FlowMatching(), algorithm=ReFree(), lora=LoraSettings(rank=4))
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, limit_val_batches=0)
+    trainer = quiet_trainer(max_steps=1)
     with pytest.raises(DataError, match="ReFree algorithm needs the field 'video'") as error:
         trainer.fit(module, datamodule=datamodule(talkingshapes, latent_cache=str(cache.folder)))
     assert error.value.path == str(cache.path)
 
 
 def test_a_cache_of_other_training_data_is_refused(cache, talkingshapes, tmp_path):
-    import lightning as L
 
     from prefalign.module import AlignmentModule
     from prefalign.processes import FlowMatching
 
     other = tmp_path / "manifest.jsonl"
     other.write_text(talkingshapes.read_text())  # same rows, another manifest: not what the cache was made from
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, limit_val_batches=0)
+    trainer = quiet_trainer(max_steps=1)
     with pytest.raises(DataError, match="the latent cache was made from") as error:
         trainer.fit(AlignmentModule(tiny_wan(), FlowMatching()),
                     datamodule=datamodule(other, latent_cache=str(cache.folder)))

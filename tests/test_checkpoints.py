@@ -18,7 +18,7 @@ from prefalign.data.synthetic import TalkingShapesConfig, write_dataset
 from prefalign.module import AlignmentModule, LoraSettings
 from prefalign.processes import FlowMatching
 
-from conftest import TINY_WAN, tiny_wan
+from conftest import TINY_WAN, quiet_trainer, tiny_wan
 
 PREFALIGN = str(Path(sys.executable).with_name("prefalign"))
 TESTS = Path(__file__).parent
@@ -169,8 +169,7 @@ def test_lora_checkpoint_holds_only_what_is_trained(tmp_path, clip_batch):
     def saved(lora):
         module = AlignmentModule(tiny_wan(config=dict(TINY_WAN, num_layers=4, ffn_dim=256)), FlowMatching(),
                                  algorithm=DiffusionDPO(), lora=lora)
-        trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, limit_val_batches=0,
-                            enable_progress_bar=False, enable_model_summary=False)
+        trainer = quiet_trainer(max_steps=1)
         dm = PortraitDataModule(train=str(pairs_path(tmp_path)), val_fraction=0.0, batch_size=2, num_frames=9)
         trainer.fit(module, datamodule=dm)
         path = tmp_path / f"{'lora' if lora else 'full'}.ckpt"
@@ -216,8 +215,7 @@ def pairs_path(tmp_path: Path) -> Path:
 
 def test_an_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
     module = AlignmentModule(tiny_wan(), FlowMatching(), lora=LoraSettings(rank=4))
-    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, limit_val_batches=0,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer(max_steps=1)
     dm = PortraitDataModule(train=str(pairs_path(tmp_path)), val_fraction=0.0, batch_size=2, num_frames=9)
     trainer.fit(module, datamodule=dm)
     path = tmp_path / "last.ckpt"

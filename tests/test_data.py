@@ -188,7 +188,7 @@ def test_a_fit_with_bad_clips_logs_the_count_and_a_summary_by_shard(tmp_path, ca
     from prefalign.module import AlignmentModule
     from prefalign.processes import FlowMatching
 
-    from conftest import tiny_wan
+    from conftest import quiet_trainer, tiny_wan
 
     manifest = write_dataset(tmp_path / "data", num_clips=6, seed=2)
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
@@ -202,8 +202,7 @@ def test_a_fit_with_bad_clips_logs_the_count_and_a_summary_by_shard(tmp_path, ca
 
     dm = PortraitDataModule(train=str(manifest), val_fraction=0.0, batch_size=2, num_frames=9, on_bad_sample="skip")
     module = AlignmentModule(tiny_wan(), FlowMatching())
-    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, limit_val_batches=0, callbacks=[Seen()])
+    trainer = quiet_trainer(max_epochs=2, callbacks=[Seen()])
     with caplog.at_level(logging.WARNING, logger="prefalign"):
         trainer.fit(module, datamodule=dm)
     assert rows[0]["id"] not in seen and rows[3]["id"] not in seen and len(seen) == 2 * 6  # stand-ins fill in

@@ -9,7 +9,7 @@ from prefalign.algorithms.dpo import DiffusionDPO, dpo_loss
 from prefalign.module import AlignmentModule, LoraSettings
 from prefalign.processes import Diffusion, FlowMatching
 
-from conftest import tiny_wan
+from conftest import quiet_trainer, tiny_wan
 
 
 def reference_formula(e_w, e_l, r_w, r_l, beta, loss_type):
@@ -137,7 +137,6 @@ def test_online_reference_refreshes_after_every_kth_step(tmp_path):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             seen.append((trainer.global_step, len(refreshes)))
 
-    trainer = L.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, limit_val_batches=0, callbacks=[Count()])
+    trainer = quiet_trainer(max_steps=5, callbacks=[Count()])
     trainer.fit(module, datamodule=PortraitDataModule(train=str(pairs), val_fraction=0.0, batch_size=2, num_frames=9))
     assert seen == [(1, 1), (2, 2), (3, 2), (4, 3), (5, 3)]  # one at setup (the start), then after steps 2 and 4

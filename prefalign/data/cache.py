@@ -477,7 +477,7 @@ class LatentCache:
                     field=field,
                 )
 
-    def check(self, denoiser, fps: float, sample_rate: int, num_frames: int) -> None:
+    def check(self, denoiser, fps: float, sample_rate: int, num_frames: int, source: Optional[str] = None) -> None:
         """Raise a ``DataError`` naming the setting if this run's denoiser or data settings differ from the cache's.
 
         Args:
@@ -485,7 +485,16 @@ class LatentCache:
             fps (float): the run's video frame rate (``data.fps``).
             sample_rate (int): the run's audio rate (``data.sample_rate``).
             num_frames (int): the run's window length (``data.num_frames``).
+            source (str | None): the run's training manifest (``data.train``), if it names one: it must be the
+                one the cache was made from (the same file however written, or the same Hub id).
         """
+        made_from = self.manifest["source"]
+        if source is not None and not (
+            Path(made_from).resolve() == Path(source).resolve() if Path(made_from).exists() and Path(source).exists()
+            else made_from == source
+        ):
+            raise DataError(f"the latent cache was made from {made_from}, this run's training data is {source}",
+                            path=self.path, field="source")
         cached = self.fingerprint
         again = "preprocess again with this run's settings"
         for name, value in {"fps": fps, "sample_rate": sample_rate, "num_frames": num_frames}.items():

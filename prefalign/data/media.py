@@ -17,7 +17,7 @@ import soxr
 from PIL import Image
 
 from prefalign.data.errors import DataError
-from prefalign.files import temp_path
+from prefalign.files import safe_name, temp_path
 
 SILENCE_PEAK = 1e-4
 """A track whose peak amplitude is below this is treated as silent (no speech to align to)."""
@@ -281,6 +281,26 @@ def write_video(
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_clips(folder: str | Path, video, ids: list[str], fps: float, audio=None, sample_rate: int = 16000) -> None:
+    """Write a batch of videos as ``{folder}/{id}.mp4`` (ids made safe as file names), each with its audio track.
+
+    Args:
+        folder (str | Path): created if missing.
+        video (torch.Tensor): ``[B, T, 3, H, W]`` in [0, 1].
+        ids (list[str]): a clip id per video.
+        fps (float): frames per second.
+        audio (torch.Tensor | None): ``[B, S]`` at ``sample_rate``, cut to the frames' duration.
+        sample_rate (int): the audio's rate.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    frames = (video.permute(0, 1, 3, 4, 2).float().cpu() * 255).round().byte().numpy()
+    samples = round(frames.shape[1] * sample_rate / fps)
+    for index, clip_id in enumerate(ids):
+        track = None if audio is None else audio[index, :samples].float().cpu().numpy()
+        write_video(folder / f"{safe_name(clip_id)}.mp4", frames[index], fps, audio=track, sample_rate=sample_rate)
 
 
 def _audio_frame(samples: np.ndarray, start: int, sample_rate: int) -> av.AudioFrame:
