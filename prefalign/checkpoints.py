@@ -51,9 +51,26 @@ def drop_frozen(state: dict[str, torch.Tensor], module: nn.Module) -> dict[str, 
 
 def model_part(state: dict[str, torch.Tensor], module: nn.Module, keep_frozen: bool = False) -> dict:
     """A checkpoint's model part: the state dict (without its frozen parameters unless ``keep_frozen``) and the
-    run's description (``checkpoint["prefalign"]``)."""
+    run's description (``checkpoint["prefalign"]``), with the keys kept, so that a strategy that loads the weights
+    without telling us which it found (FSDP, not strict) can still be checked."""
     kept = state if keep_frozen else drop_frozen(state, module)
-    return {"state_dict": kept, "prefalign": {**run_metadata(module), "frozen_left_out": len(state) - len(kept)}}
+    return {"state_dict": kept,
+            "prefalign": {**run_metadata(module), "frozen_left_out": len(state) - len(kept), "keys": sorted(kept)}}
+
+
+def check_loaded_keys(recorded: Optional[dict], module: nn.Module) -> None:
+    """For a checkpoint a strategy has loaded itself, not strictly: every trained tensor of ``module`` must have
+    been in it, and every reference snapshot tensor in it must have had a place here."""
+    keys = set((recorded or {}).get("keys", ()))
+    if not keys:
+        return  # written before checkpoints recorded their keys
+    trained = {clean_name(n) for n, p in module.named_parameters() if p.requires_grad}
+    buffers = {clean_name(n) for n, _ in module.named_buffers()}
+    missing = sorted(trained - keys)
+    unplaced = sorted(k for k in keys if k.startswith("reference_snapshot.") and k not in buffers)
+    if missing or unplaced:
+        raise ValueError(f"the checkpoint does not fit this model: trained tensors missing from it {missing[:5]}, "
+                         f"reference snapshot tensors with no place here {unplaced[:5]}")
 
 
 def restore_frozen(state: dict[str, torch.Tensor], module: nn.Module) -> int:
@@ -68,10 +85,12 @@ def restore_frozen(state: dict[str, torch.Tensor], module: nn.Module) -> int:
 
 
 def strategy_loads_weights(strategy) -> bool:
-    """Whether the strategy loads a checkpoint's weights itself, strictly, before the module's
-    ``on_load_checkpoint`` (FSDP, DeepSpeed): its checkpoints then keep the frozen weights too, or they could not
-    be loaded. (``prefalign push`` still writes only the adapters.)"""
-    return type(strategy).__name__ in ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+    """Whether the strategy loads a checkpoint's weights itself, before the module's ``on_load_checkpoint`` (FSDP,
+    DeepSpeed): the module then cannot put the frozen weights back in first, so it loads non-strictly and checks
+    the keys afterwards (``check_loaded_keys``)."""
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    return isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy))
 
 
 def check_run(recorded: Optional[dict], module) -> None:

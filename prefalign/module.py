@@ -16,7 +16,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from safetensors.torch import load_file
 from torch import nn
 
-from prefalign import checkpoints, evaluation
+from prefalign import checkpoints, evaluation, sharding
 from prefalign.algorithms.base import Algorithm, per_sample_mse
 from prefalign.algorithms.sft import SFT
 from prefalign.data import media
@@ -218,7 +218,11 @@ class AlignmentModule(L.LightningModule):
                 if not values:
                     yield self.denoiser
                 else:
-                    yield lambda *args, **kwargs: torch.func.functional_call(self.denoiser, values, args, kwargs)
+                    def lagged_policy(*args, **kwargs):
+                        with sharding.substituted(self.denoiser, values):
+                            return self.denoiser(*args, **kwargs)
+
+                    yield lagged_policy
             finally:
                 for layer in layers:
                     layer.enable_adapters(True)
@@ -233,11 +237,14 @@ class AlignmentModule(L.LightningModule):
         if self.lora is not None:
             if not hasattr(self, "reference_snapshot"):
                 self.reference_snapshot = nn.Module()
-            for name, param in self.denoiser.named_parameters():
-                if param.requires_grad:
-                    key = name.replace(".", "__")
-                    if key in self.reference_snapshot._buffers:
-                        self.reference_snapshot._buffers[key].copy_(param.detach())
+            snapshot = self.reference_snapshot._buffers
+            for params in sharding.whole_parameters(self._outermost()):  # under FSDP, one unit at a time
+                for name, param in params.items():
+                    if not (param.requires_grad and name.startswith("denoiser.")):
+                        continue
+                    key = name.removeprefix("denoiser.").replace(".", "__")
+                    if key in snapshot:
+                        snapshot[key].copy_(param.detach())
                     else:
                         self.reference_snapshot.register_buffer(key, param.detach().clone())
             return
@@ -249,12 +256,16 @@ class AlignmentModule(L.LightningModule):
                 memo[id(encoder)] = encoder
             self._reference = copy.deepcopy(self.denoiser, memo).requires_grad_(False).eval()
         else:
-            self._reference.load_state_dict(self.denoiser.state_dict())
+            sharding.copy_twin(self._outermost(), "denoiser.", "_reference.")  # under FSDP, a unit at a time
+
+    def _outermost(self) -> nn.Module:
+        """This module as the strategy wrapped it (the FSDP root), or itself outside a trainer."""
+        model = self._trainer.model if self._trainer is not None else None
+        return model if model is not None else self
 
     # --- checkpoints ---------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        keep_frozen = checkpoints.strategy_loads_weights(self.trainer.strategy)
-        checkpoint.update(checkpoints.model_part(checkpoint["state_dict"], self, keep_frozen))
+        checkpoint.update(checkpoints.model_part(checkpoint["state_dict"], self))
         if self.trainer.fit_loop._should_accumulate():
             log.warning("checkpoint at step %d taken in the middle of a gradient accumulation window: the gradients "
                         "accumulated so far are not saved, so a resume from it is not exact", self.global_step)
@@ -268,6 +279,8 @@ class AlignmentModule(L.LightningModule):
         state = checkpoint.get("state_dict")  # absent where the strategy (FSDP) has loaded the weights itself
         if state is not None:
             self._complete_state(state)
+        else:
+            checkpoints.check_loaded_keys(checkpoint.get("prefalign"), self)
         if not fitting:
             return
         rank, world = self.trainer.global_rank, self.trainer.world_size
@@ -298,6 +311,10 @@ class AlignmentModule(L.LightningModule):
 
     # --- Lightning hooks ------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if self._trainer is not None and checkpoints.strategy_loads_weights(self.trainer.strategy):
+            # It loads a checkpoint's weights before on_load_checkpoint can put the frozen ones back: not strictly
+            # then (they keep the values the recipe loaded), and on_load_checkpoint checks the keys instead.
+            self.strict_loading = False
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if stage == "fit" and datamodule is not None and hasattr(datamodule, "available_fields"):
             cache = datamodule.cache("train")
@@ -320,6 +337,12 @@ class AlignmentModule(L.LightningModule):
             self.algorithm.setup(self)
 
     def on_fit_start(self) -> None:
+        if self.algorithm.manual_optimization and sharding.sharded_root(self) is not None:
+            raise ValueError(
+                f"{self.algorithm.name} under FSDP: it steps its optimizer itself, with backward passes and gradient "
+                "clipping inside the training step, which Lightning runs inside the FSDP root's forward; torch's FSDP "
+                "allows neither there (Lightning issue #19626). Train it with DDP (recipes/cluster/ddp.yaml)."
+            )
         if self.trainer.world_size > 1:
             # seed_everything gives every rank the same seed: without this, all ranks would draw the same noise
             # and timesteps for their different clips. (A resume restores each rank's own state at its first step.)
@@ -346,6 +369,14 @@ class AlignmentModule(L.LightningModule):
         for name, value in logged.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
         return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        root = sharding.sharded_root(self)
+        if root is not None and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            # The norm is over every rank's shard: only the FSDP root can take it (Lightning's FSDP plugin refuses).
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)

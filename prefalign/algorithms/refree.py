@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Literal, Optional
 
 import torch
 
+from prefalign import sharding
 from prefalign.algorithms.base import Algorithm, per_sample_mse
 from prefalign.algorithms.dpo import LossType, dpo_loss
 from prefalign.algorithms.sft import mouth_weights
@@ -191,6 +192,10 @@ class ReFree(Algorithm):
     def self_play(self, module: AlignmentModule, batch: dict, rows: list[int]) -> dict[int, torch.Tensor]:
         """Latents of the lagged snapshot's samples for the clips ``rows`` (from the cache where it has them)."""
         missing = [i for i in rows if self.cache_key(batch, i) not in self.cache]
+        discard = False
+        if sharding.forwards_are_collective(module) and sharding.any_rank(module, bool(missing)) and not missing:
+            # Another rank samples, and under FSDP each of its forwards needs this rank: sample a clip alongside.
+            missing, discard = [0], True
         if missing:
             part = {k: v[missing] for k, v in batch.items() if torch.is_tensor(v) and v.ndim and k != "rejected"}
             num_frames = batch["video"].shape[1]
@@ -203,9 +208,10 @@ class ReFree(Algorithm):
                 for t, t_next in zip(schedule[:-1], schedule[1:]):
                     pred = lagged(x, process.model_time(t.expand(len(missing))), cond)
                     x = process.step(pred, x, t, t_next).sample.to(x.dtype)
-            for j, i in enumerate(missing):
-                self.cache[self.cache_key(batch, i)] = x[j]
-            self.self_play_sampled += len(missing)
+            if not discard:
+                for j, i in enumerate(missing):
+                    self.cache[self.cache_key(batch, i)] = x[j]
+                self.self_play_sampled += len(missing)
         return {i: self.cache[self.cache_key(batch, i)] for i in rows}
 
     def negatives(self, module: AlignmentModule, batch: dict) -> tuple[torch.Tensor, list[str]]:
