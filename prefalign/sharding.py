@@ -23,68 +23,68 @@ def _fsdp_units(model: nn.Module) -> list[nn.Module]:
     return FullyShardedDataParallel.fsdp_modules(model)
 
 
+def _own_parameters(unit: nn.Module, prefix: str) -> dict[str, nn.Parameter]:
+    """The parameters ``unit`` holds itself (not through a nested FSDP unit), by full names without wrapper
+    prefixes; ``prefix`` is the unit's own name."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    nested = {id(p) for sub in unit.modules() if sub is not unit and isinstance(sub, FullyShardedDataParallel)
+              for p in sub.parameters()}
+    return {clean_name(f"{prefix}.{name}" if prefix else name): param
+            for name, param in unit.named_parameters() if id(param) not in nested}
+
+
+def _units_by_name(model: nn.Module) -> dict[str, nn.Module]:
+    names = {id(module): clean_name(name) for name, module in model.named_modules()}
+    return {names[id(unit)]: unit for unit in _fsdp_units(model)}
+
+
 def whole_parameters(model: nn.Module) -> Iterator[dict[str, nn.Parameter]]:
     """``model``'s parameters, whole, by their names without wrapper prefixes: one dict at a time, each valid until
     the next is asked for. Without FSDP one dict of them all; under FSDP one per unit, gathered while it is current
     (one transformer block at a time, never the whole model at once). Every rank must iterate: it is collective.
     ``model`` is the outermost module (under FSDP the root wrapper, ``trainer.model``)."""
-    units = _fsdp_units(model)
+    units = _units_by_name(model)
     if not units:
         yield {clean_name(name): param for name, param in model.named_parameters()}
         return
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    prefixes = {id(module): clean_name(name) for name, module in model.named_modules()}
-    for unit in units:
-        nested = {id(p) for sub in unit.modules() if sub is not unit and isinstance(sub, FullyShardedDataParallel)
-                  for p in sub.parameters()}
-        prefix = prefixes[id(unit)]
+    for prefix, unit in units.items():
         with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False):
-            yield {
-                clean_name(f"{prefix}.{name}" if prefix else name): param
-                for name, param in unit.named_parameters()
-                if id(param) not in nested
-            }
+            yield _own_parameters(unit, prefix)
 
 
 @torch.no_grad()
 def copy_twin(model: nn.Module, source: str, target: str) -> None:
     """Copy every parameter and buffer under the prefix ``source`` onto its twin under ``target`` (a module of the
     same structure, such as a frozen copy of the denoiser). Under FSDP the twins are wrapped alike; each pair of
-    units is gathered in turn, the target's written back to its shards."""
+    units is gathered in turn, the target's written back to its shards. ``model`` as for ``whole_parameters``."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    def own(unit: nn.Module, nested_too: bool = False) -> dict[str, torch.Tensor]:
-        nested = set() if nested_too else {
-            id(p) for sub in unit.modules() if sub is not unit and isinstance(sub, FullyShardedDataParallel)
-            for p in sub.parameters()}
-        prefix = prefixes[id(unit)]
-        return {clean_name(f"{prefix}.{n}" if prefix else n): p for n, p in unit.named_parameters() if id(p) not in nested}
+    def copy(tensors: dict[str, torch.Tensor]) -> None:
+        for name, value in tensors.items():
+            if name.startswith(source) and target + name[len(source):] in tensors:
+                tensors[target + name[len(source):]].copy_(value)
 
-    def copy(params: dict[str, torch.Tensor]) -> None:
-        for name, value in params.items():
-            if name.startswith(source) and target + name[len(source):] in params:
-                params[target + name[len(source):]].copy_(value)
-
-    prefixes = {id(module): clean_name(name) for name, module in model.named_modules()}
-    units = {prefixes[id(u)]: u for u in _fsdp_units(model)}
+    units = _units_by_name(model)
     if not units:
-        copy(own(model, nested_too=True))
+        copy({clean_name(name): param for name, param in model.named_parameters()})
     for prefix, unit in units.items():
         if prefix.startswith(source):
             continue  # gathered with its twin
-        pair = [unit]
+        pair = {prefix: unit}
         if prefix.startswith(target):
-            twin = units.get(source + prefix[len(target):])
-            if twin is None:
-                raise RuntimeError(f"FSDP made '{prefix}' a unit but not its twin under '{source}'")
-            pair = [twin, unit]
+            twin = source + prefix[len(target):]
+            if twin not in units:
+                raise RuntimeError(f"FSDP made '{prefix}' a unit but not its twin '{twin}'")
+            pair[twin] = units[twin]
         with ExitStack() as stack:
-            for member in pair:
+            for member in pair.values():
                 stack.enter_context(FullyShardedDataParallel.summon_full_params(member, recurse=False, writeback=True))
-            copy({name: p for member in pair for name, p in own(member).items()})
-    buffers = {clean_name(n): b for n, b in model.named_buffers()}
-    copy(buffers)
+            copy({name: p for unit_name, member in pair.items()
+                  for name, p in _own_parameters(member, unit_name).items()})
+    copy({clean_name(name): buffer for name, buffer in model.named_buffers()})
 
 
 @contextmanager
@@ -113,7 +113,8 @@ def substituted(model: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[N
             if current is not None and current.shape != value.shape:
                 continue  # sharded here: its owner's forward substitutes it once it is whole
             previous[attr] = current
-            store[attr] = value
+            # In the dtype the unit computes in (FSDP mixed precision gathers bf16 copies of fp32 parameters).
+            store[attr] = value if current is None else value.to(current.dtype)
         return previous
 
     def hooks(replacement: dict[str, torch.Tensor]):

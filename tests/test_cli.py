@@ -145,7 +145,7 @@ def test_export_writes_init_weights(talkingshapes, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "recipe", ["dpo_hallo4.yaml", "sft_wan_i2v.yaml", "grpo_flowportrait.yaml", "refree_s2v.yaml", "cluster/fsdp.yaml"]
+    "recipe", ["dpo_hallo4.yaml", "sft_wan_i2v.yaml", "refree_s2v.yaml", "cluster/fsdp.yaml"]
 )
 def test_real_scale_strategy_resolves_its_wrap_policy(recipe):
     """The FSDP strategy of the multi-GPU recipes instantiates, with the Wan block class as its wrap unit."""

@@ -16,6 +16,7 @@ WAN_BLOCK = "diffusers.models.transformers.transformer_wan.WanTransformerBlock"
 FSDP = ["--trainer.strategy",
         f"{{class_path: cpu_fsdp.CPUFSDP, init_args: {{process_group_backend: gloo, auto_wrap_policy: [{WAN_BLOCK}]}}}}",
         "--trainer.devices", "2"]
+CLIP = ["--trainer.gradient_clip_val", "1.0"]  # by norm, as the FSDP recipes clip
 LOG = "test_fsdp.MarginLog"
 
 
@@ -35,7 +36,7 @@ def test_two_process_fsdp_fit_and_resume(case, tmp_path, talkingshapes, request)
     data = request.getfixturevalue("pairs") if case.startswith("dpo") else talkingshapes
     steps = 7
     config = recipe(tmp_path, data, algorithm, lora, steps, keep_all=True)
-    result = fit(config, tmp_path / "whole", *FSDP, log=LOG)
+    result = fit(config, tmp_path / "whole", *FSDP, *CLIP, log=LOG)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [read(tmp_path / f"whole.rank{r}") for r in range(2)]
     for steps_of_rank, _ in ranks:
@@ -57,7 +58,7 @@ def test_two_process_fsdp_fit_and_resume(case, tmp_path, talkingshapes, request)
         assert all("lora_" in k for k in state if k.startswith("denoiser.backbone."))
     assert len(saved["rng_states"]) == 2 and len(saved["algorithm_states"]) == 2
 
-    result = fit(config, tmp_path / "resumed", *FSDP, "--ckpt_path", str(checkpoint), log=LOG)
+    result = fit(config, tmp_path / "resumed", *FSDP, *CLIP, "--ckpt_path", str(checkpoint), log=LOG)
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in range(2):
         resumed, weights = read(tmp_path / f"resumed.rank{rank}")

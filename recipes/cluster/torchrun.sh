@@ -1,7 +1,7 @@
 #!/bin/bash
 # Two nodes × 8 GPUs with torchrun (no SLURM). Run on every node, with the same MASTER_ADDR (node 0's address):
-#   NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash recipes/cluster/torchrun.sh recipes/grpo_flowportrait.yaml recipes/cluster/fsdp.yaml
-#   NODE_RANK=1 MASTER_ADDR=10.0.0.1 bash recipes/cluster/torchrun.sh recipes/grpo_flowportrait.yaml recipes/cluster/fsdp.yaml
+#   NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash recipes/cluster/torchrun.sh recipes/grpo_flowportrait.yaml recipes/cluster/ddp.yaml
+#   NODE_RANK=1 MASTER_ADDR=10.0.0.1 bash recipes/cluster/torchrun.sh recipes/grpo_flowportrait.yaml recipes/cluster/ddp.yaml
 # torchrun starts the 8 processes of its node; Lightning reads the ranks torchrun sets (TorchElasticEnvironment).
 set -euo pipefail
 RECIPE=${1:?usage: torchrun.sh RECIPE [OVERLAY]}
