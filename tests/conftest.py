@@ -26,6 +26,18 @@ TINY_WAN = dict(
 )
 
 
+#: ``tiny_wan()`` as a recipe's ``model.denoiser`` entry (YAML-safe: lists, not tuples).
+TINY_WAN_RECIPE = {
+    "class_path": "prefalign.denoisers.WanDenoiser",
+    "init_args": {
+        "codec": {"class_path": "prefalign.denoisers.PixelCodec"},
+        "audio_encoder": {"class_path": "prefalign.denoisers.MelAudioEncoder"},
+        "config": dict(TINY_WAN, patch_size=list(TINY_WAN["patch_size"])),
+        "audio_heads": 2,
+    },
+}
+
+
 def tiny_wan(**kwargs) -> WanDenoiser:
     """A 2-block Wan DiT at 32x32 pixels through the pixel codec, with mel audio conditioning."""
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from conftest import TINY_WAN, quiet_trainer, tiny_wan
+from conftest import TINY_WAN_RECIPE, quiet_trainer, tiny_wan
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
@@ -235,15 +235,7 @@ def test_preprocess_from_the_command_line(cache, talkingshapes, tmp_path, capsys
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "logger": False},
         "model": {
-            "denoiser": {
-                "class_path": "prefalign.denoisers.WanDenoiser",
-                "init_args": {
-                    "codec": {"class_path": "prefalign.denoisers.PixelCodec"},
-                    "audio_encoder": {"class_path": "prefalign.denoisers.MelAudioEncoder"},
-                    "config": TINY_WAN,
-                    "audio_heads": 2,
-                },
-            },
+            "denoiser": TINY_WAN_RECIPE,
             "process": {"class_path": "prefalign.processes.FlowMatching"},
         },
         "data": {"train": str(talkingshapes), "val_fraction": 0.25, "num_frames": WINDOW},

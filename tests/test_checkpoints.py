@@ -18,7 +18,7 @@ from prefalign.data.synthetic import TalkingShapesConfig, write_dataset
 from prefalign.module import AlignmentModule, LoraSettings
 from prefalign.processes import FlowMatching
 
-from conftest import TINY_WAN, quiet_trainer, tiny_wan
+from conftest import TINY_WAN, TINY_WAN_RECIPE, quiet_trainer, tiny_wan
 
 PREFALIGN = str(Path(sys.executable).with_name("prefalign"))
 TESTS = Path(__file__).parent
@@ -75,15 +75,7 @@ def recipe(tmp_path: Path, data: Path, algorithm: dict, lora: bool, max_steps: i
             ],
         },
         "model": {
-            "denoiser": {
-                "class_path": "prefalign.denoisers.WanDenoiser",
-                "init_args": {
-                    "codec": {"class_path": "prefalign.denoisers.PixelCodec"},
-                    "audio_encoder": {"class_path": "prefalign.denoisers.MelAudioEncoder"},
-                    "config": dict(TINY_WAN, patch_size=list(TINY_WAN["patch_size"])),
-                    "audio_heads": 2,
-                },
-            },
+            "denoiser": TINY_WAN_RECIPE,
             "process": {"class_path": "prefalign.processes.FlowMatching"},
             "algorithm": algorithm,
             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}},
