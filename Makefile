@@ -12,7 +12,7 @@ DEMO_DATA := data/talkingshapes/manifest.jsonl
 HELDOUT := data/talkingshapes-heldout/manifest.jsonl
 RUN := runs/demo-sft
 
-.PHONY: setup demo demo-dpo demo-pose demo-grpo demo-refree test test-all base benchmark clean
+.PHONY: setup demo demo-dpo demo-pose demo-grpo demo-refree test test-slow test-ci test-all base benchmark clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -82,8 +82,14 @@ demo-refree: $(DEMO_DATA) $(HELDOUT)
 	$(BIN)/python benchmarks/plot_run.py runs/demo-refree
 	$(BIN)/python benchmarks/plot_run.py runs/demo-refree-control
 
+# The fast suite; then the slow one (multi-process runs, the recipe matrix, kill-and-resume); CI runs both.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m "slow and not gpu"
+
+test-ci: test test-slow
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""

@@ -2,18 +2,29 @@
 process's random state, and what a run was (for ``prefalign push`` and the model card).
 
 LoRA runs leave the frozen base out of their checkpoints (and every run leaves out the frozen codec and audio
-encoder): at load time the model built from the same recipe supplies them. Lightning writes checkpoint files
-atomically (to a temporary file renamed over the target), so a crash mid-save leaves the previous file whole.
+encoder): at load time the model built from the same recipe supplies them. Checkpoint files are written by
+:class:`AtomicCheckpointIO` (the CLI's default): to a temporary file in the checkpoint's own folder, renamed over
+it, so that a crash mid-save leaves the previous file whole on every filesystem layout. A damaged checkpoint (empty,
+cut short, not a checkpoint) is refused with the name of the newest whole one beside it (:func:`check_checkpoint`).
 """
 
 from __future__ import annotations
 
+import pickle
 import random
-from typing import Optional
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import get_filesystem
 from torch import nn
+
+from prefalign.data.errors import DataError
+from prefalign.files import atomic_write, remove_stale_temps
 
 #: Wrapper names that FSDP and activation checkpointing insert into parameter names but not into state dict keys.
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -173,3 +184,104 @@ def run_metadata(module) -> dict:
         "lora": lora_metadata(module),
         "new_modules": sorted(module.denoiser.new_modules()),
     }
+
+
+# --- writing and checking checkpoint files ---------------------------------------------------------------------------
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO``, with every local checkpoint written through a temporary file in its own
+    folder, flushed and renamed over the target (``prefalign.files.atomic_write``).
+
+    Lightning's own save (``_atomic_save``, an fsspec transaction) stages the file in ``$TMPDIR``: where that is
+    another filesystem than the checkpoints' (local disk and NFS or Lustre), the final "rename" is a copy, and a
+    kill during it leaves ``last.ckpt`` cut short. Here the rename never leaves the folder, so it is atomic. A
+    temporary file a killed save left (``.last.ckpt.<pid>.tmp``: no ``.ckpt`` suffix, so ``--ckpt_path last`` never
+    picks it) is removed by the next save of the same file. Remote paths (``s3://``...) keep Lightning's save. Loading
+    refuses a damaged file by name (:func:`check_checkpoint`) instead of a bare ``EOFError``.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None or not _is_local(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
+        with atomic_write(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def load_checkpoint(self, path, map_location: Optional[Callable] = lambda storage, loc: storage,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except FileNotFoundError:
+            raise
+        except Exception:
+            if _is_local(path) and checkpoint_damage(path) is not None:
+                check_checkpoint(path)  # raises, naming the file and the newest whole checkpoint beside it
+            raise
+
+
+def _is_local(path) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(get_filesystem(path), LocalFileSystem)
+
+
+def checkpoint_damage(path: Union[str, Path]) -> Optional[str]:
+    """What is wrong with a local checkpoint file, or None when it reads as whole: an archive ``torch.save`` wrote,
+    complete, every tensor it lists present (checked memory-mapped: nothing big is read). A folder is whole only
+    when it holds a sharded checkpoint (FSDP's ``meta.pt``, DeepSpeed's ``checkpoint/``); its shards are checked
+    when they load."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "meta.pt").is_file() or (path / "checkpoint").is_dir() or (path / "latest").is_file():
+            return None
+        return "it is a folder, neither a checkpoint file nor a sharded checkpoint's folder"
+    size = path.stat().st_size
+    if size == 0:
+        return "it is empty (0 bytes)"
+    if not zipfile.is_zipfile(path):
+        return f"it is not a whole torch.save archive ({size} bytes: cut short, or not a checkpoint)"
+    try:
+        torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as error:
+        if re.search(r"GLOBAL \S+ was not an allowed global|whose module \S+ is blocked", str(error)):
+            return None  # whole: it holds objects only a full (trusted) load unpickles
+        return f"it does not unpickle ({str(error).strip().splitlines()[-1][:200]})"
+    except Exception as error:  # torch's zip reader raises RuntimeError for a missing or damaged record
+        return f"it does not load ({type(error).__name__}: {str(error)[:200]})"
+    return None
+
+
+def newest_whole_checkpoint(folder: Union[str, Path], exclude: Optional[Path] = None,
+                            limit: int = 20) -> Optional[Path]:
+    """The most recently written checkpoint (``*.ckpt``) in ``folder`` that :func:`checkpoint_damage` finds whole
+    (the ``limit`` newest are tried)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    candidates = [p for p in folder.iterdir() if p.suffix == ".ckpt" and (exclude is None or p.resolve() != exclude)]
+    candidates.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for candidate in candidates[:limit]:
+        try:
+            if checkpoint_damage(candidate) is None:
+                return candidate
+        except OSError:
+            continue
+    return None
+
+
+def check_checkpoint(path: Union[str, Path], field: str = "ckpt_path") -> None:
+    """Refuse a damaged checkpoint before anything loads it: the error names the file, says what is wrong with it,
+    and names the newest whole checkpoint in the same folder to resume from instead (or says there is none).
+
+    Raises:
+        DataError: the file is damaged (see :func:`checkpoint_damage`).
+    """
+    path = Path(path)
+    damage = checkpoint_damage(path)
+    if damage is None:
+        return
+    newest = newest_whole_checkpoint(path.parent, exclude=path.resolve())
+    advice = (f"the newest whole checkpoint in {path.parent} is {newest}: resume from it with --ckpt_path {newest}"
+              if newest is not None else f"there is no whole checkpoint in {path.parent}")
+    raise DataError(f"the checkpoint is damaged: {damage}; {advice}", path=path, field=field)

@@ -8,16 +8,21 @@ import sys
 from typing import Any, Callable, Optional
 
 from jsonargparse import CLI, set_docstring_parse_options
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import CheckpointIO
 
+from prefalign import recipes
+from prefalign.callbacks import VideoWriter
+from prefalign.checkpoints import AtomicCheckpointIO, check_checkpoint
 from prefalign.data.cache import preprocess_command
 from prefalign.data.datamodule import PortraitDataModule
 from prefalign.data.synthetic import synth
 from prefalign.hub import push_command
 from prefalign.module import AlignmentModule, export_denoiser_weights
 from prefalign.pairs import import_labels, sample_pairs
+from prefalign.secrets import redact_every_log_record, scrubbing
 
 
 def export(ckpt_path: str, out: str, dtype: str = "float32") -> None:
@@ -53,7 +58,12 @@ class PrefalignCLI(LightningCLI):
     - loggers: CSV and TensorBoard under ``trainer.default_root_dir`` (``csv/``, ``tensorboard/``), and Weights &
       Biases when ``wandb`` is installed and configured (``WANDB_API_KEY`` or ``WANDB_MODE`` set);
     - callbacks: a rich progress bar (loss and reward), the last checkpoint kept (``save_last``, in
-      ``default_root_dir/checkpoints``), and the training curves plotted at the end (``prefalign.plots.TrainingCurves``).
+      ``default_root_dir/checkpoints``), and the training curves plotted at the end (``prefalign.plots.TrainingCurves``);
+    - ``predict`` only: a ``prefalign.callbacks.VideoWriter`` to ``default_root_dir/predictions`` when no callback
+      writes predictions. A predict that writes no video is an error;
+    - checkpoints written atomically in their own folder (``prefalign.checkpoints.AtomicCheckpointIO``) unless
+      ``trainer.plugins`` names a CheckpointIO, and a damaged ``--ckpt_path`` file refused before anything runs,
+      with the newest whole checkpoint beside it named.
 
     A recipe's own ``trainer.logger`` (``false`` for none) or callbacks take precedence over each default.
     """
@@ -79,13 +89,51 @@ class PrefalignCLI(LightningCLI):
             extra.append(ModelCheckpoint(dirpath=f"{root}/checkpoints", save_last=True, save_top_k=0))
         if config.get("logger") is not False and not any(isinstance(c, TrainingCurves) for c in given):
             extra.append(TrainingCurves())
+        if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in given):
+            # Without a writer, predict would sample every video and keep none.
+            extra.append(VideoWriter(f"{root}/predictions"))
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        strategy = config.get("strategy")
+        own_io = any(isinstance(p, CheckpointIO) for p in plugins) or getattr(strategy, "_checkpoint_io", None)
+        xla = "xla" in f"{strategy} {type(strategy).__name__}".lower() or config.get("accelerator") == "tpu"
+        if not own_io and not xla:  # (XLA saves through its own CheckpointIO only)
+            # Lightning stages a checkpoint in $TMPDIR, which a "rename" onto NFS or Lustre turns into a copy.
+            config["plugins"] = plugins + [AtomicCheckpointIO()]
         return super()._instantiate_trainer(config, callbacks + extra)
 
+    def parse_arguments(self, parser, args) -> None:
+        """Parse, then refuse a damaged ``--ckpt_path`` file at once, naming the newest whole checkpoint beside it,
+        rather than let LightningCLI's own read of it (for its hyperparameters) fail with a bare ``EOFError``.
+        ``last`` and the other keywords are checked as they load (``AtomicCheckpointIO``)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else None
+        ckpt_path = config.get("ckpt_path") if config is not None else None
+        if ckpt_path is None or str(ckpt_path) in ("last", "best", "hpc", "registry") or "://" in str(ckpt_path):
+            return
+        if os.path.exists(ckpt_path):  # a missing file is Lightning's own clear error
+            check_checkpoint(ckpt_path)
 
+    def after_predict(self) -> None:
+        """Fail a predict that wrote no video, rather than exit 0 with nothing to show (LightningCLI calls
+        ``after_<subcommand>`` once the subcommand has run)."""
+        writers = [c for c in self.trainer.callbacks if isinstance(c, VideoWriter)]
+        if writers and not any(writer.written for writer in writers):
+            source = self.datamodule.sources.get("predict") if isinstance(self.datamodule, PortraitDataModule) else None
+            raise RuntimeError(
+                f"predict wrote no video: no row of data.predict ({source}) was predicted "
+                f"(trainer.limit_predict_batches: {self.trainer.limit_predict_batches})"
+            )
+
+
+@scrubbing  # the error a user sees (printed by Python at exit) shows no token or key, nor do its causes
 def main(args: Optional[list[str]] = None) -> None:
     """Run the CLI on ``args`` (``sys.argv[1:]`` when ``None``) — tests call ``main([...])``."""
     argv = list(sys.argv[1:] if args is None else args)
+    redact_every_log_record()  # no token or key in any log line of the run, the libraries' included
     set_docstring_parse_options(attribute_docstrings=True)
+    recipes.install()  # bounds on every YAML read from the user: size, nesting, alias expansion
     if argv and argv[0] in COMMANDS:
         CLI(COMMANDS[argv[0]], args=argv[1:], as_positional=False)
         return

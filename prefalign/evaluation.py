@@ -91,24 +91,31 @@ class EvaluationTable:
 
     Rows are keyed by clip id; an id seen again is ignored (the first row is kept), because DistributedSampler pads
     the last round with clips that other ranks already scored. Values are stored as Python floats (float32 scores
-    convert exactly) and written with ``repr``, so that reading the files back gives the same numbers.
+    convert exactly) and written with ``repr``, so that reading the files back gives the same numbers. A row may
+    record the file its clip's video went to (``video``, relative to the table's folder), so that a row names its
+    own video however the id was made into a file name.
     """
 
     def __init__(self) -> None:
         self._rows: dict[str, dict[str, float]] = {}
+        self._videos: dict[str, str] = {}
         self.repeated_ids = 0
         """How many rows were ignored because their id was already in the table."""
 
     def __len__(self) -> int:
         return len(self._rows)
 
-    def add(self, ids: Sequence[str], scores: dict[str, Union[torch.Tensor, Sequence[float]]]) -> None:
-        """Add one row per clip: ``scores[name][i]`` is clip ``ids[i]``'s value (e.g. :func:`clip_scores`)."""
+    def add(self, ids: Sequence[str], scores: dict[str, Union[torch.Tensor, Sequence[float]]],
+            videos: Optional[Sequence[str]] = None) -> None:
+        """Add one row per clip: ``scores[name][i]`` is clip ``ids[i]``'s value (e.g. :func:`clip_scores`), and
+        ``videos[i]`` (if given) the file its video was written to."""
         ids = [str(clip_id) for clip_id in ids]
+        if videos is not None and len(videos) != len(ids):
+            raise ValueError(f"expected one video per id ({len(ids)}), got {len(videos)}")
         columns = {}
         for name, value in scores.items():
-            if name == "id":
-                raise ValueError("'id' names the clip column; a score cannot be called that")
+            if name in ("id", "video"):
+                raise ValueError(f"'{name}' names a column of the table; a score cannot be called that")
             value = torch.as_tensor(value).detach()
             if value.shape != (len(ids),):
                 raise ValueError(f"score '{name}' has shape {tuple(value.shape)}, expected [{len(ids)}] (one per id)")
@@ -118,6 +125,8 @@ class EvaluationTable:
                 self.repeated_ids += 1
                 continue
             self._rows[clip_id] = {name: values[index] for name, values in columns.items()}
+            if videos is not None:
+                self._videos[clip_id] = str(videos[index])
 
     def merge(self, other: EvaluationTable) -> None:
         """Add ``other``'s rows after this table's (ids already here are ignored)."""
@@ -126,6 +135,8 @@ class EvaluationTable:
                 self.repeated_ids += 1
             else:
                 self._rows[clip_id] = dict(row)
+                if clip_id in other._videos:
+                    self._videos[clip_id] = other._videos[clip_id]
         self.repeated_ids += other.repeated_ids
 
     @classmethod
@@ -151,8 +162,10 @@ class EvaluationTable:
         return sorted({name for row in self._rows.values() for name in row})
 
     def rows(self) -> list[dict]:
-        """One dict per clip, in the order they were added: ``{"id": ..., metric: value, ...}``."""
-        return [{"id": clip_id, **row} for clip_id, row in self._rows.items()]
+        """One dict per clip, in the order they were added: ``{"id": ..., "video": ..., metric: value, ...}``
+        (``video`` where the row recorded its file)."""
+        return [{"id": clip_id, **({"video": self._videos[clip_id]} if clip_id in self._videos else {}), **row}
+                for clip_id, row in self._rows.items()]
 
     def summary(self) -> dict[str, dict[str, float]]:
         """``{metric: {"mean", "std", "count"}}`` over the clips, NaN left out (``count`` counts the rest); ``std`` is
@@ -180,10 +193,12 @@ class EvaluationTable:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         columns = self.columns
+        files = ["video"] if self._videos else []
         _write_csv(
             folder / "metrics.csv",
-            ["id", *columns],
-            [[clip_id, *(repr(row[name]) if name in row else "" for name in columns)]
+            ["id", *files, *columns],
+            [[clip_id, *([self._videos.get(clip_id, "")] if files else []),
+              *(repr(row[name]) if name in row else "" for name in columns)]
              for clip_id, row in self._rows.items()],
         )
         summary = self.summary()
@@ -272,6 +287,8 @@ def sample_grid(
             )
     if labels is not None and len(labels) != len(clips):
         raise ValueError(f"expected {len(clips)} labels, got {len(labels)}")
+    if labels is not None:  # an id of any length must not make the picture as wide
+        labels = [_short_label(label) for label in labels]
 
     groups = ([1] if references is not None else []) + [frames] + ([frames] if targets is not None else [])
     label_width = _label_width(labels) if labels is not None else 0
@@ -302,6 +319,13 @@ def sample_grid(
 
 LABEL_PADDING = 3
 """Pixels of white around a label."""
+LABEL_CHARS = 32
+"""The most characters of a label drawn; a longer one is cut, with ``...``."""
+
+
+def _short_label(label) -> str:
+    text = "".join(char if char.isprintable() else "?" for char in str(label)[: LABEL_CHARS + 1])
+    return text if len(text) <= LABEL_CHARS else text[: LABEL_CHARS - 3] + "..."
 
 
 def _label_width(labels: Sequence[str]) -> int:

@@ -4,10 +4,11 @@ the command line (``prefalign push``) or during training (``PushToHub``), and lo
 from __future__ import annotations
 
 import json
-import logging
 import math
+import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
@@ -15,7 +16,9 @@ import lightning as L
 import torch
 from safetensors.torch import load_file, save_file
 
-from prefalign.files import atomic_write
+from prefalign.files import atomic_write, inside
+from prefalign.recipes import read_recipe_file
+from prefalign.secrets import get_logger, scrubbing
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
@@ -23,7 +26,7 @@ if TYPE_CHECKING:
 
     from prefalign.denoisers.base import PortraitDenoiser
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -47,6 +50,7 @@ def write_adapter(
     *,
     repo_id: Optional[str] = None,
     license: Optional[str] = None,
+    base_model: Optional[str] = None,
 ) -> Path:
     """Write a LoRA checkpoint as a folder peft and the Hub understand.
 
@@ -62,6 +66,10 @@ def write_adapter(
         eval_table (dict | None): the JSON ``prefalign test`` writes (``{"metrics": {name: {"mean", "std"}}}``).
         repo_id (str | None): the Hub repo the folder goes to, named in the card's loading code.
         license (str | None): the license id for the card's metadata (e.g. ``apache-2.0``).
+        base_model (str | None): the Hub id (``owner/name``) of the base model, instead of the one the checkpoint
+            records (which may be a local folder). The card's metadata names a base model by Hub id only (the Hub
+            rejects anything else): without one, it names none (see :func:`hub_base_model`); ``adapter_config.json``
+            then keeps the recorded folder, as peft writes it.
 
     Returns:
         Path: the folder.
@@ -77,29 +85,32 @@ def write_adapter(
             "this checkpoint has no 'prefalign' entry describing the run (it was not saved by prefalign's "
             "AlignmentModule, or by an older version): cannot tell its LoRA settings"
         )
+    if base_model is not None and not is_repo_id(base_model):
+        raise ValueError(f"base_model must be a Hub repo id, owner/name, got {base_model!r}")
     adapter, modules = split_trained_tensors(state)
     lora = meta["lora"]
-    config = lora_config(lora, meta.get("base_model"))
+    hub_id = base_model or hub_base_model(meta.get("base_model"))
+    config = lora_config(lora, hub_id or meta.get("base_model"))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     description = {
         "algorithm": meta.get("algorithm"),
         "denoiser": meta.get("denoiser"),
-        "base_model": meta.get("base_model"),
+        "base_model": hub_id or meta.get("base_model"),
         "train_new_modules": lora.get("train_new_modules"),
         "global_step": checkpoint.get("global_step"),
     }
-    with atomic_write(folder / ADAPTER_CONFIG) as tmp:
+    with atomic_write(inside(folder, ADAPTER_CONFIG)) as tmp:
         tmp.write_text(json.dumps(peft_config_dict(config), indent=2, sort_keys=True))
-    with atomic_write(folder / ADAPTER_WEIGHTS) as tmp:
+    with atomic_write(inside(folder, ADAPTER_WEIGHTS)) as tmp:
         save_file(adapter, tmp, metadata={"format": "pt"})
-    with atomic_write(folder / MODULES) as tmp:
+    with atomic_write(inside(folder, MODULES)) as tmp:
         save_file(modules, tmp, metadata={"format": "pt", "prefalign": json.dumps(description)})
     if recipe is not None:
-        with atomic_write(folder / RECIPE) as tmp:
+        with atomic_write(inside(folder, RECIPE)) as tmp:
             tmp.write_text(recipe)
-    card = model_card(description, config, recipe, eval_table, repo_id=repo_id, license=license)
-    with atomic_write(folder / CARD) as tmp:
+    card = model_card(description, config, recipe, eval_table, repo_id=repo_id, license=license, base_model=hub_id)
+    with atomic_write(inside(folder, CARD)) as tmp:
         tmp.write_text(card)
     return folder
 
@@ -151,6 +162,44 @@ def peft_config_dict(config: "LoraConfig") -> dict:
     )
 
 
+def is_repo_id(text: str) -> bool:
+    """Whether ``text`` reads as a Hub model repo id, ``owner/name`` ("./runs/x", "/abs/path", "a/b/c" do not)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return text.count("/") == 1 and not text.startswith((".", "~"))
+
+
+def hub_base_model(recorded: Optional[str]) -> Optional[str]:
+    """The Hub id to name as a model card's ``base_model``, for the base model a checkpoint records.
+
+    A Hub id (and not a folder here) is itself; a folder in huggingface_hub's cache
+    (``.../models--owner--name/snapshots/REV``) is the repo it was downloaded from. Anything else (another local
+    folder) has no id: None, with a warning saying how to give one.
+    """
+    if recorded is None:
+        return None
+    if is_repo_id(recorded) and not Path(recorded).expanduser().exists():
+        return recorded
+    parts = Path(recorded).parts
+    for index, part in enumerate(parts[:-1]):
+        if part.startswith("models--") and parts[index + 1] == "snapshots":
+            repo_id = part.removeprefix("models--").replace("--", "/")
+            if is_repo_id(repo_id):
+                return repo_id
+    warnings.warn(
+        f"the base model {recorded} is a local folder, not a Hub repo id (owner/name): the model card names no base "
+        "model (the Hub accepts repo ids only there). Give the Hub id its weights came from with "
+        "`--base_model owner/name` (PushToHub(base_model=...))",
+        stacklevel=2,
+    )
+    return None
+
+
 # --- the model card ------------------------------------------------------------------------------------------------
 def model_card(
     description: dict,
@@ -160,17 +209,19 @@ def model_card(
     *,
     repo_id: Optional[str] = None,
     license: Optional[str] = None,
+    base_model: Optional[str] = None,
 ) -> str:
-    """The README.md: Hub metadata (YAML front matter) and a body saying what was trained and how to load it."""
+    """The README.md: Hub metadata (YAML front matter) and a body saying what was trained and how to load it.
+    ``base_model`` is the base model's Hub id for the metadata; ``description["base_model"]`` what the run used."""
     from huggingface_hub import ModelCardData
 
     algorithm = description.get("algorithm") or "unknown algorithm"
     denoiser = description.get("denoiser") or "PortraitDenoiser"
-    base = description.get("base_model")
+    used = description.get("base_model")
     tags = ["prefalign", "talking-head", "lora", "peft"]
     if description.get("algorithm"):
         tags.append(description["algorithm"].lower())
-    metadata = ModelCardData(base_model=base, library_name="peft", license=license, tags=tags)
+    metadata = ModelCardData(base_model=base_model, library_name="peft", license=license, tags=tags)
     source = repo_id or "path/to/this/folder"
     title = repo_id.split("/")[-1] if repo_id else f"{algorithm} LoRA"
     step = description.get("global_step")
@@ -179,7 +230,9 @@ def model_card(
         f"# {title}", "",
         f"LoRA adapters for the backbone of a `{denoiser}` talking-head video model, trained with **{algorithm}** "
         f"in prefalign{f' for {step} optimizer steps' if step else ''}.",
-        f"Base model: `{base}`." if base else "Base model: built from the recipe below (no pretrained id recorded).",
+        f"Base model: `{base_model}`." if base_model
+        else f"Base model: the local folder `{used}` (no Hub id known for it)." if used
+        else "Base model: built from the recipe below (no pretrained id recorded).",
         "",
         "| rank | alpha | dropout | adapted modules |",
         "|---|---|---|---|",
@@ -243,6 +296,7 @@ def push(
     eval_table: Optional[Union[str, Path, dict]] = None,
     endpoint: Optional[str] = None,
     license: Optional[str] = None,
+    base_model: Optional[str] = None,
 ) -> "CommitInfo":
     """Push a LoRA checkpoint's adapters to a Hub repo (created if missing) and print the repo URL and commit.
 
@@ -254,14 +308,31 @@ def push(
     """
     token = hub_token()
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    recipe = find_recipe(ckpt_path, config)
+    recipe_path = Path(config) if config is not None else find_recipe(ckpt_path)
+    recipe = None
+    if recipe_path is None:
+        warnings.warn(
+            f"no recipe found for {ckpt_path}: no config.yaml saved by LightningCLI beside its checkpoints/ folder or "
+            f"in a logger's version_N/ folder next to it; pushing without {RECIPE}. Give one with --recipe FILE",
+            stacklevel=2,
+        )
+    else:
+        try:
+            recipe = read_recipe(recipe_path)
+        except ValueError as error:
+            if config is not None:
+                raise  # the file the user named: say so rather than push without it
+            warnings.warn(f"{error}; pushing without {RECIPE}. Give the recipe with --recipe FILE", stacklevel=2)
+            recipe_path = None
     if isinstance(eval_table, (str, Path)):
         eval_table = json.loads(Path(eval_table).read_text())
     algorithm = (checkpoint.get("prefalign") or {}).get("algorithm") or "LoRA"
     message = commit_message or f"prefalign: {algorithm} adapters from {Path(ckpt_path).name}"
     with tempfile.TemporaryDirectory(prefix="prefalign-push-") as folder:
-        write_adapter(checkpoint, folder, recipe, eval_table, repo_id=repo_id, license=license)
+        write_adapter(checkpoint, folder, recipe, eval_table, repo_id=repo_id, license=license, base_model=base_model)
         repo_url, info = upload(folder, repo_id, token, message, private=private, revision=revision, endpoint=endpoint)
+    if recipe_path is not None:
+        print(f"recipe: {recipe_path} (as {RECIPE})")
     print(f"pushed {Path(ckpt_path).name} to {repo_url} (revision {revision or 'main'}): commit {info.oid}")
     return info
 
@@ -276,6 +347,7 @@ def push_command(
     eval_table: Optional[str] = None,
     endpoint: Optional[str] = None,
     license: Optional[str] = None,
+    base_model: Optional[str] = None,
 ) -> None:
     """Push a LoRA checkpoint's adapters to the Hugging Face Hub.
 
@@ -285,17 +357,21 @@ def push_command(
     Args:
         ckpt_path: a Lightning checkpoint of a LoRA run (e.g. ``runs/NAME/.../checkpoints/last.ckpt``).
         repo_id: the model repo, ``owner/name``; created if missing.
-        recipe: the recipe (YAML config) to publish with it; default: the ``config.yaml`` saved in the run's log
-            folder (the checkpoint's ``checkpoints/`` folder's parent), if there is one. (Not ``--config``: that
-            option reads this command's own arguments from a file.)
+        recipe: the recipe (YAML config) to publish with it; default: the ``config.yaml`` LightningCLI saved for the
+            run, beside the checkpoint's ``checkpoints/`` folder or in a logger's ``version_N/`` folder next to it
+            (see :func:`find_recipe`). (Not ``--config``: that option reads this command's own arguments from a
+            file.)
         private: create the repo as private (an existing repo keeps its visibility).
         revision: the branch to commit to (created from ``main`` if missing); default ``main``.
         commit_message: the commit's summary line.
         eval_table: the JSON file ``prefalign test`` wrote, shown in the model card.
         endpoint: the Hub's URL (default: HF_ENDPOINT or https://huggingface.co).
         license: the license id for the model card's metadata, e.g. ``apache-2.0`` (the base model's terms apply).
+        base_model: the Hub id (``owner/name``) of the base model, for the model card; default: the one the
+            checkpoint records, when it is a Hub id or a folder of huggingface_hub's cache (a run that loaded its
+            weights from another local folder records no id: give it here).
     """
-    push(ckpt_path, repo_id, recipe, private, revision, commit_message, eval_table, endpoint, license)
+    push(ckpt_path, repo_id, recipe, private, revision, commit_message, eval_table, endpoint, license, base_model)
 
 
 def hub_token() -> str:
@@ -311,15 +387,71 @@ def hub_token() -> str:
     return token
 
 
-def find_recipe(ckpt_path: Union[str, Path], config: Optional[Union[str, Path]] = None) -> Optional[str]:
-    """The recipe text: ``config`` if given, else the ``config.yaml`` LightningCLI saved next to ``checkpoints/``."""
-    if config is not None:
-        return Path(config).read_text()
-    ckpt_path = Path(ckpt_path)
-    saved = ckpt_path.parent.parent / "config.yaml"
-    return saved.read_text() if ckpt_path.parent.name == "checkpoints" and saved.is_file() else None
+def find_recipe(ckpt_path: Union[str, Path]) -> Optional[Path]:
+    """The ``config.yaml`` LightningCLI saved for the run that wrote ``ckpt_path`` (a file in a ``checkpoints/``
+    folder), or None.
+
+    LightningCLI saves it in ``trainer.log_dir``, the first logger's folder. In Lightning's default layout the
+    checkpoints are in there (``ROOT/csv/version_N/checkpoints/``): the config is beside the ``checkpoints/`` folder.
+    The real-scale recipes and prefalign's CLI keep them in a fixed folder instead (``ROOT/checkpoints/``): the
+    config is in a logger's ``ROOT/*/version_N/``, and a resumed run adds a version. Then the newest version whose
+    config names this checkpoint folder (a ``ModelCheckpoint``'s ``dirpath``, else ``default_root_dir``) wins, else
+    the newest version (with a warning when there were several to choose from).
+    """
+    folder = Path(ckpt_path).parent
+    if folder.name != "checkpoints":
+        return None
+    beside = folder.parent / "config.yaml"
+    if beside.is_file():
+        return beside
+    versions = sorted(folder.parent.glob("*/version_*/config.yaml"), key=_version_order, reverse=True)
+    for saved in versions:
+        if _names_checkpoint_folder(saved, folder):
+            return saved
+    if len(versions) > 1:
+        warnings.warn(
+            f"none of the {len(versions)} configs saved under {folder.parent} names {folder} as its checkpoint folder: "
+            f"taking the newest, {versions[0]}; give another with --recipe FILE",
+            stacklevel=2,
+        )
+    return versions[0] if versions else None
 
 
+def read_recipe(path: Union[str, Path]) -> str:
+    """A recipe file's text, within the bounds every recipe prefalign reads is held to (``recipes.read_recipe_file``:
+    a regular UTF-8 file of at most ``recipes.MAX_BYTES``, of bounded YAML)."""
+    return read_recipe_file(str(path))
+
+
+def _version_order(config: Path) -> tuple[int, float]:
+    """Newer last: a logger's version number (``version_3``), then the file's modification time."""
+    number = config.parent.name.removeprefix("version_")
+    return (int(number) if number.isdigit() else -1, config.stat().st_mtime)
+
+
+def _names_checkpoint_folder(config: Path, folder: Path) -> bool:
+    """Whether a saved LightningCLI config sends its checkpoints to ``folder``: a ``ModelCheckpoint``'s ``dirpath``,
+    or ``default_root_dir/checkpoints`` when it sets no ``ModelCheckpoint`` (prefalign's CLI adds one there).
+    Paths are compared by their last two parts: they were relative to where training ran, and runs get moved."""
+    import yaml
+
+    try:
+        trainer = (yaml.safe_load(read_recipe(config)) or {}).get("trainer") or {}
+        callbacks = trainer.get("callbacks") or []
+        callbacks = [callbacks] if isinstance(callbacks, dict) else callbacks
+        checkpointing = [
+            c for c in callbacks if isinstance(c, dict) and str(c.get("class_path")).endswith("ModelCheckpoint")
+        ]
+        named = [(c.get("init_args") or {}).get("dirpath") for c in checkpointing]
+        if not checkpointing and trainer.get("default_root_dir"):
+            named = [os.path.join(str(trainer["default_root_dir"]), "checkpoints")]
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):  # a config we cannot read names nothing
+        return False
+    tail = Path(os.path.abspath(folder)).parts[-2:]
+    return any(path is not None and Path(os.path.normpath(str(path))).parts[-2:] == tail for path in named)
+
+
+@scrubbing  # a Hub (or a proxy) may echo the Authorization header in its error; the error keeps the request too
 def upload(
     folder: Union[str, Path],
     repo_id: str,
@@ -329,7 +461,10 @@ def upload(
     revision: Optional[str] = None,
     endpoint: Optional[str] = None,
 ) -> tuple[str, "CommitInfo"]:
-    """Create the repo (and branch) if missing and commit the folder's files. Returns (repo URL, commit)."""
+    """Create the repo (and branch) if missing and commit the folder's files. Returns (repo URL, commit).
+
+    An error it raises holds no secret (``prefalign.secrets.scrub``): a Hub error keeps its type, with its text
+    redacted and a bare copy of the response, whose request has no Authorization header."""
     from huggingface_hub import HfApi
 
     for path in Path(folder).iterdir():
@@ -349,7 +484,8 @@ class PushToHub(L.Callback):
     training, so that a long run's progress can be tried or shared before it ends.
 
     Uploads happen on rank zero between steps and block training while they run. A failed upload is logged as a
-    warning and training goes on; only the final upload (``at_end``) raises.
+    warning and training goes on; only the final upload (``at_end``) raises. Neither the warning nor the error shows
+    the token, even where the Hub's answer echoes it (``prefalign.secrets``).
 
     Args:
         repo_id (str): the model repo, ``owner/name``; created if missing.
@@ -358,6 +494,8 @@ class PushToHub(L.Callback):
         private (bool): create the repo as private.
         revision (str | None): the branch to commit to (created if missing); default ``main``.
         endpoint (str | None): the Hub's URL (default: HF_ENDPOINT or https://huggingface.co).
+        base_model (str | None): the Hub id (``owner/name``) of the base model, for the model card; default: the
+            denoiser's ``pretrained`` when it is a Hub id or a folder of huggingface_hub's cache.
     """
 
     def __init__(
@@ -368,15 +506,19 @@ class PushToHub(L.Callback):
         private: bool = False,
         revision: Optional[str] = None,
         endpoint: Optional[str] = None,
+        base_model: Optional[str] = None,
     ):
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"every_n_steps must be a positive number of steps, got {every_n_steps}")
+        if base_model is not None and not is_repo_id(base_model):
+            raise ValueError(f"base_model must be a Hub repo id, owner/name, got {base_model!r}")
         self.repo_id = repo_id
         self.every_n_steps = every_n_steps
         self.at_end = at_end
         self.private = private
         self.revision = revision
         self.endpoint = endpoint
+        self.base_model = base_model
         self._last_step: Optional[int] = None
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -408,11 +550,16 @@ class PushToHub(L.Callback):
         if not trainer.is_global_zero:
             return
         checkpoint = {**checkpoints.model_part(state, pl_module), "global_step": trainer.global_step}
-        saved = Path(trainer.log_dir or ".") / "config.yaml"
-        recipe = saved.read_text() if saved.is_file() else None
+        saved = Path(trainer.log_dir or ".") / "config.yaml"  # where LightningCLI saved this run's config
+        recipe = None
+        if saved.is_file():
+            try:
+                recipe = read_recipe(saved)
+            except ValueError as error:
+                log.warning("PushToHub: pushing without a recipe: %s", error)
         try:
             with tempfile.TemporaryDirectory(prefix="prefalign-push-") as folder:
-                write_adapter(checkpoint, folder, recipe, repo_id=self.repo_id)
+                write_adapter(checkpoint, folder, recipe, repo_id=self.repo_id, base_model=self.base_model)
                 _, info = upload(folder, self.repo_id, hub_token(), message, private=self.private,
                                  revision=self.revision, endpoint=self.endpoint)  # fmt: skip
         except Exception as error:
@@ -486,21 +633,16 @@ def load_adapter(
     return config
 
 
+@scrubbing
 def _adapter_folder(source: Union[str, Path], revision: Optional[str]) -> Path:
     path = Path(source).expanduser()
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
 
     text = str(source)
-    try:  # "you/wan2.1-lora" is a repo id; "./runs/x", "/abs/path", "a/b/c" are not
-        validate_repo_id(text)
-        if text.startswith((".", "~")) or text.count("/") != 1:
-            raise HFValidationError(text)
-    except HFValidationError:
-        raise FileNotFoundError(f"no adapter folder at {source} (nor is it a Hub repo id, owner/name)") from None
+    if not is_repo_id(text):
+        raise FileNotFoundError(f"no adapter folder at {source} (nor is it a Hub repo id, owner/name)")
 
     allow = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODULES]
     return Path(snapshot_download(text, revision=revision, allow_patterns=allow))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-import logging
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +22,12 @@ from prefalign.algorithms.sft import SFT
 from prefalign.data import media
 from prefalign.data.datamodule import SkipSummary
 from prefalign.data.errors import DataError
-from prefalign.files import atomic_write
+from prefalign.files import atomic_write, inside
 from prefalign.denoisers.base import PortraitDenoiser, frames_of, join_chunks
 from prefalign.processes.base import Process
+from prefalign.secrets import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass
@@ -44,6 +45,17 @@ class LoraSettings:
     train_new_modules: bool = True
     """Also train the conditioning modules the denoiser adds (audio attention...) in full; their values at the
     start are kept so that ``reference()`` still gives the starting model exactly."""
+
+    def __post_init__(self):
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"model.lora.rank must be an integer >= 1, got {self.rank!r}")
+        if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"model.lora.alpha must be a number > 0, or null (= rank), got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.target_modules is not None and not self.target_modules:
+            raise ValueError("model.lora.target_modules must name modules, or be null (the backbone's defaults), "
+                             "got an empty list")
 
 
 @dataclass
@@ -64,6 +76,19 @@ class SamplingSettings:
     motion_frames: int = 5
     """Frames of the previous chunk that start the next one (the codec's r·n+1, e.g. 5 with Wan's VAE)."""
 
+    def __post_init__(self):
+        if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"model.sampling.num_steps must be an integer >= 1, got {self.num_steps!r}")
+        if not math.isfinite(self.guidance_scale):
+            raise ValueError(f"model.sampling.guidance_scale must be a finite number (1 = off), got "
+                             f"{self.guidance_scale!r}")
+        if self.chunk_frames is not None and self.chunk_frames < 1:
+            raise ValueError(f"model.sampling.chunk_frames must be an integer >= 1, or null (one pass), got "
+                             f"{self.chunk_frames!r}")
+        if self.chunk_frames is not None and not 0 < self.motion_frames < self.chunk_frames:
+            raise ValueError(f"model.sampling.motion_frames must be between 0 and chunk_frames ({self.chunk_frames}), "
+                             f"exclusive, got {self.motion_frames!r}")
+
 
 class AlignmentModule(L.LightningModule):
     """The Lightning core shared by every alignment method.
@@ -73,13 +98,19 @@ class AlignmentModule(L.LightningModule):
         process (Process): flow matching or diffusion: noising, targets, the sampler.
         algorithm (Algorithm | None): the alignment method (``SFT`` when not given). One YAML key swaps it.
         lora (LoraSettings | None): train LoRA adapters (peft) instead of the full weights.
-        init_weights (str | None): a safetensors file of denoiser weights to start from (e.g. the demo base
-            checkpoint ``data/base/talkingshapes_base.safetensors``); loaded before LoRA is added.
+        init_weights (str | None): the weights to start a new run from: a safetensors file of denoiser weights
+            (e.g. the demo base checkpoint ``data/base/talkingshapes_base.safetensors``, or ``prefalign export``'s),
+            or a checkpoint (``.ckpt``) of a prefalign run of any algorithm: a full run's weights are loaded before
+            LoRA is added; a LoRA run's adapters and new modules are continued (``lora`` must match theirs), the
+            loaded model being the reference policy. Weights only: step, optimizer and schedule start afresh
+            (``--ckpt_path`` resumes a run instead).
         init_adapter (str | None): LoRA adapters to start from: a folder written by ``prefalign push`` or the Hub
             repo it went to (``hub.load_adapter``). Their rank, alpha and targets become the run's LoRA settings (a
             ``lora`` section, if given too, must agree); they are then sampled, evaluated or trained further, with
             the loaded model as the reference policy.
-        optimizer (OptimizerCallable): the optimizer, built on the trainable parameters.
+        optimizer (OptimizerCallable): the optimizer, built on the trainable parameters. Its learning rate is
+            replaced by the algorithm's ``lr`` where the algorithm sets one (the real-scale recipes keep each
+            method's tuned rate in its algorithm file, so that swapping the file swaps the rate).
         lr_scheduler (LRSchedulerCallable | None): a scheduler stepped every optimizer step.
         sampling (SamplingSettings): sampling for validation metrics and ``predict``.
         val_sample_batches (int): validation batches whose videos are sampled and scored (sampling is the
@@ -112,13 +143,20 @@ class AlignmentModule(L.LightningModule):
         self.sampling = sampling
         self.val_sample_batches = val_sample_batches
         self.evaluation_dir = evaluation_dir
-        if init_weights is not None:
+        start = read_start_checkpoint(init_weights) if init_weights and init_weights.endswith(".ckpt") else None
+        if init_weights is not None and start is None:
             load_denoiser_weights(denoiser, init_weights)
+        elif start is not None and start[1] is None:  # a full fine-tuning run's weights: the base to start from
+            load_denoiser_state(denoiser, start[0], init_weights)
         if init_adapter is not None:
             self.lora = self._load_adapter(init_adapter, lora)
             self.refresh_reference()  # the reference is the model as loaded, adapters included
         elif lora is not None:
             self._add_lora(lora)
+        else:
+            self._trained_in_fp32()
+        if start is not None and start[1] is not None:
+            self._load_lora_start(init_weights, *start)
         self._reference: Optional[PortraitDenoiser] = None
         self.automatic_optimization = not self.algorithm.manual_optimization
         self._resume_rng: Optional[dict] = None  # this rank's random state from a checkpoint, set at the next step
@@ -161,6 +199,29 @@ class AlignmentModule(L.LightningModule):
         self._train_adapters(settings)
         return settings
 
+    def _load_lora_start(self, path: str, state: dict[str, torch.Tensor], recorded: dict) -> None:
+        """Continue the adapters and new modules of a LoRA run's checkpoint (``init_weights``); the loaded model
+        is the reference policy (as with ``init_adapter``)."""
+        current = checkpoints.lora_metadata(self)
+        if current is None:
+            raise DataError(f"a LoRA run's checkpoint (rank {recorded['rank']}) starts a LoRA run: set model.lora "
+                            f"to rank {recorded['rank']}, alpha {recorded['alpha']}, target_modules "
+                            f"{recorded['target_modules']}", path=path, field="model.init_weights")
+        fields = ("rank", "alpha", "target_modules")
+        if [current[f] for f in fields] != [recorded[f] for f in fields]:
+            raise DataError(f"model.lora ({', '.join(f'{f} {current[f]}' for f in fields)}) differs from the "
+                            f"checkpoint's ({', '.join(f'{f} {recorded[f]}' for f in fields)})", path=path,
+                            field="model.init_weights")
+        trained = {name for name, p in self.denoiser.named_parameters() if p.requires_grad}
+        result = self.denoiser.load_state_dict(state, strict=False)
+        missing = sorted(trained & set(result.missing_keys))
+        if result.unexpected_keys or missing:
+            raise DataError(f"the checkpoint does not fit this recipe's denoiser: {len(result.unexpected_keys)} "
+                            f"tensors without a place (e.g. {result.unexpected_keys[:3]}), {len(missing)} trained "
+                            f"tensors missing (e.g. {missing[:3]})", path=path, field="model.init_weights")
+        self._trained_in_fp32()
+        self.refresh_reference()
+
     def _train_adapters(self, settings: LoraSettings) -> None:
         """Freeze the base, train the adapters (and the new modules, if so set), snapshot the start for reference()."""
         backbone = self.denoiser.backbone
@@ -168,11 +229,22 @@ class AlignmentModule(L.LightningModule):
             param.requires_grad_("lora_" in name)
         for module in self.denoiser.new_modules().values():
             module.requires_grad_(settings.train_new_modules)
+        self._trained_in_fp32()
         if settings.train_new_modules:
             # Kept as buffers so that a checkpoint carries the reference exactly.
             self.reference_snapshot = nn.Module()
             for name, param in self._new_module_parameters():
                 self.reference_snapshot.register_buffer(name.replace(".", "__"), param.detach().clone())
+
+    def _trained_in_fp32(self) -> None:
+        """Trained tensors in float32 over a frozen base in the recipe's dtype (cf. diffusers' ``cast_training_params``).
+
+        In bf16 an update smaller than the weight's last bit (bf16 keeps 8: a step of lr 3e-6 on a weight of 0.01 is
+        lost) leaves the weight unchanged, and AdamW's state in bf16 loses the small second moments: adapters then
+        barely train. Mixed precision (``bf16-mixed``, FSDP's ``param_dtype``) still computes in bf16."""
+        for param in self.denoiser.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
 
     def _new_module_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         for prefix, module in self.denoiser.new_modules().items():
@@ -187,6 +259,9 @@ class AlignmentModule(L.LightningModule):
         if not params:
             raise ValueError("nothing to train: every parameter is frozen (check `lora` and the denoiser's options)")
         optimizer = self.optimizer_factory(params)
+        if self.algorithm.lr is not None:  # the method's tuned rate (before the scheduler records its base rate)
+            for group in optimizer.param_groups:
+                group["lr"] = self.algorithm.lr
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
@@ -276,6 +351,13 @@ class AlignmentModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpoints.check_run(checkpoint.get("prefalign"), self)
         fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        recorded = (checkpoint.get("prefalign") or {}).get("algorithm")
+        if fitting and recorded is not None and recorded != self.algorithm.name:
+            raise ValueError(
+                f"--ckpt_path resumes a run, with its step, optimizer and schedule: this checkpoint is a {recorded} "
+                f"run's, this recipe trains {self.algorithm.name}. To start a {self.algorithm.name} run from its "
+                "weights, give it as --model.init_weights (and no --ckpt_path)"
+            )
         state = checkpoint.get("state_dict")  # absent where the strategy (FSDP) has loaded the weights itself
         if state is not None:
             self._complete_state(state)
@@ -310,12 +392,24 @@ class AlignmentModule(L.LightningModule):
         checkpoints.restore_frozen(state, self)
 
     # --- Lightning hooks ------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FSDPStrategy):
+            # FSDP needs one dtype per unit: the recipe's units (the transformer blocks) plus the adapters apart.
+            policy = sharding.uniform_dtype_policy(self, strategy.kwargs.get("auto_wrap_policy"))
+            if policy is not None:
+                strategy.kwargs["auto_wrap_policy"] = policy
+
     def setup(self, stage: str) -> None:
         if self._trainer is not None and checkpoints.strategy_loads_weights(self.trainer.strategy):
             # It loads a checkpoint's weights before on_load_checkpoint can put the frozen ones back: not strictly
             # then (they keep the values the recipe loaded), and on_load_checkpoint checks the keys instead.
             self.strict_loading = False
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "use_fields"):
+            datamodule.use_fields(self.data_fields())  # a column no part of the run reads is then never loaded
         if stage == "fit" and datamodule is not None and hasattr(datamodule, "available_fields"):
             cache = datamodule.cache("train")
             if cache is not None:
@@ -335,6 +429,15 @@ class AlignmentModule(L.LightningModule):
             self.refresh_reference()
         if stage == "fit":
             self.algorithm.setup(self)
+
+    def data_fields(self) -> set[str]:
+        """The batch fields this run reads: the denoiser's conditions, the algorithm's fields, and ``pose`` where
+        the algorithm's reward reads it. The data module's training split loads no optional column outside them
+        (a pose column is then ignored there, broken or not); evaluation splits still give pose to the metrics."""
+        fields = set(self.denoiser.required_fields) | set(self.algorithm.required_fields)
+        if _reads_pose(getattr(self.algorithm, "reward", None)):
+            fields.add("pose")
+        return fields
 
     def on_fit_start(self) -> None:
         if self.algorithm.manual_optimization and sharding.sharded_root(self) is not None:
@@ -371,6 +474,9 @@ class AlignmentModule(L.LightningModule):
         return loss
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if gradient_clip_val is None and self.algorithm.max_grad_norm is not None:
+            # The algorithm's own clipping (so that it travels with the algorithm file); the trainer's wins if set.
+            gradient_clip_val, gradient_clip_algorithm = self.algorithm.max_grad_norm, "norm"
         root = sharding.sharded_root(self)
         if root is not None and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
             # The norm is over every rank's shard: only the FSDP root can take it (Lightning's FSDP plugin refuses).
@@ -426,8 +532,14 @@ class AlignmentModule(L.LightningModule):
         log_image(self.trainer.loggers, "val/samples", grid, self.global_step)
         if self.trainer.log_dir is None:
             return
-        folder = Path(self.trainer.log_dir) / "samples" / f"step_{self.global_step:06d}"
-        media.write_clips(folder, video, batch["id"], self.denoiser.fps, batch["audio"], self.sample_rate)
+        folder = inside(self.trainer.log_dir, "samples", f"step_{self.global_step:06d}")
+        # Validation rows may repeat an id (a pairs manifest judges one clip several times): one video per id.
+        first: dict[str, int] = {}
+        for index, clip_id in enumerate(batch["id"]):
+            first.setdefault(clip_id, index)
+        keep = list(first.values())
+        media.write_clips(folder, video[keep], [batch["id"][i] for i in keep], self.denoiser.fps,
+                          batch["audio"][keep], self.sample_rate)
 
     # --- evaluation: prefalign test ---------------------------------------------------------------------------------
     def on_test_epoch_start(self) -> None:
@@ -440,9 +552,12 @@ class AlignmentModule(L.LightningModule):
             return
         num_frames = frames_of(batch)
         video = self.generate(batch, num_frames=num_frames)
-        self._test_table.add(batch["id"], self.score_videos(video, batch))
         out = self.evaluation_folder()
-        media.write_clips(out / "videos", video, batch["id"], self.denoiser.fps, batch["audio"], self.sample_rate)
+        files = media.write_clips(inside(out, "videos"), video, batch["id"], self.denoiser.fps, batch["audio"],
+                                  self.sample_rate)
+        # Each row names the file its video went to: an id is not always its file's name (see files.safe_name).
+        self._test_table.add(batch["id"], self.score_videos(video, batch),
+                             videos=[path.relative_to(out).as_posix() for path in files])
         if batch_idx == 0 and self.trainer.is_global_zero:
             evaluation.sample_grid(video[:8].cpu(), out / "samples.png", references=batch["reference"][:8].cpu(),
                                    targets=batch["video"][:8].cpu() if "video" in batch else None,
@@ -545,7 +660,14 @@ class AlignmentModule(L.LightningModule):
 
     def _sample(self, batch: dict, num_frames: int, settings: SamplingSettings, generator: torch.Generator,
                 known: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """One sampler run; ``known`` latents, if given, fix the first latent frames (see :meth:`generate_chunks`)."""
+        """One sampler run, decoded; ``known`` latents, if given, fix the first latent frames (see
+        :meth:`generate_chunks`)."""
+        return self.denoiser.decode(self.sample_latents(batch, num_frames, settings, generator, known))
+
+    @torch.no_grad()
+    def sample_latents(self, batch: dict, num_frames: int, settings: SamplingSettings, generator: torch.Generator,
+                       known: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One sampler run from the prior to latents ``[B, C, F, h, w]`` for the batch's conditions."""
         reference = batch["reference"]
         shape = (reference.shape[0], *self.denoiser.latent_shape(num_frames, *reference.shape[-2:]))
         cond = self.denoiser.condition(batch, num_frames=num_frames)
@@ -568,7 +690,7 @@ class AlignmentModule(L.LightningModule):
             x = self.process.step(pred, x, t, t_next, stochastic=settings.stochastic, generator=generator).sample
         if known is not None:
             x = torch.cat([known.to(x.dtype), x[:, :, m:]], dim=2)
-        return self.denoiser.decode(x)
+        return x
 
     @property
     def sample_rate(self) -> int:
@@ -581,6 +703,17 @@ class AlignmentModule(L.LightningModule):
         return evaluation.clip_scores(video, batch, self.denoiser.fps, self.sample_rate, [reward] if reward else None)
 
 
+def _reads_pose(reward) -> bool:
+    """Whether a reward reads its conditions' pose: ``SyncExpert(use_pose=True)``, ``JitterPenalty`` with
+    ``implied`` ``pose`` or ``auto`` (which takes the pose where there is no ground truth), or a composite of
+    rewards holding one."""
+    if reward is None:
+        return False
+    if isinstance(getattr(reward, "terms", None), (list, tuple)):
+        return any(_reads_pose(term) for term in reward.terms)
+    return bool(getattr(reward, "use_pose", False)) or getattr(reward, "implied", None) in ("pose", "auto")
+
+
 def log_image(loggers: list, tag: str, image, step: int) -> None:
     """An ``[H, W, 3]`` uint8 picture to every logger that takes pictures (TensorBoard, Weights & Biases)."""
     for logger in loggers:
@@ -591,6 +724,28 @@ def log_image(loggers: list, tag: str, image, step: int) -> None:
             logger.log_image(key=tag, images=[image], step=step)
 
 
+def read_start_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], Optional[dict]]:
+    """The denoiser tensors of a Lightning checkpoint written by prefalign (``model.init_weights``: a new run from
+    a trained one) and its LoRA settings (None for a full fine-tuning run). Read with ``weights_only`` (no code is
+    unpickled) and memory-mapped."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise DataError("checkpoint not found", path=path, field="model.init_weights") from None
+    except Exception as error:
+        raise DataError(f"cannot read the checkpoint ({type(error).__name__}: {str(error)[:200]})", path=path,
+                        field="model.init_weights") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise DataError("not a Lightning checkpoint (no state_dict)", path=path, field="model.init_weights")
+    recorded = checkpoint.get("prefalign")
+    if not isinstance(recorded, dict):
+        raise DataError("not a checkpoint of a prefalign run (no 'prefalign' record)", path=path,
+                        field="model.init_weights")
+    state = {key.removeprefix("denoiser."): value for key, value in checkpoint["state_dict"].items()
+             if key.startswith("denoiser.")}
+    return state, recorded.get("lora")
+
+
 def load_denoiser_weights(denoiser: PortraitDenoiser, path: str) -> None:
     """Load a safetensors file of denoiser weights; every tensor in the file must find its parameter."""
     try:
@@ -599,6 +754,12 @@ def load_denoiser_weights(denoiser: PortraitDenoiser, path: str) -> None:
         raise DataError("weights file not found", path=path, field="model.init_weights") from None
     except Exception as error:  # safetensors raises its own error types for corrupt headers
         raise DataError(f"cannot read weights ({error})", path=path, field="model.init_weights") from None
+    load_denoiser_state(denoiser, state, path)
+
+
+def load_denoiser_state(denoiser: PortraitDenoiser, state: dict[str, torch.Tensor], path: str) -> None:
+    """Load full denoiser weights (the codec and audio encoder may be left out); every tensor must find its place
+    and every other denoiser tensor must be there."""
     result = denoiser.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise DataError(
@@ -619,6 +780,9 @@ def export_denoiser_weights(checkpoint: str, out: str, dtype: str = "float32") -
     floating-point tensors cast to ``dtype`` (``float16`` halves the file; loading casts back to the model's)."""
     from safetensors.torch import save_file
 
+    allowed = ("float32", "float16", "bfloat16")
+    if dtype not in allowed:  # an integer dtype would round every weight to zero and still "succeed"
+        raise ValueError(f"--dtype must be one of {', '.join(allowed)} (a floating dtype), got {dtype!r}")
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     weights = {
         key.removeprefix("denoiser."): (value.to(getattr(torch, dtype)) if value.is_floating_point() else value).contiguous()

@@ -11,6 +11,7 @@ import torch
 from prefalign.data import media
 from prefalign.data.errors import DataError
 from prefalign.denoisers.base import frames_of
+from prefalign.files import atomic_write, inside, safe_name
 from prefalign.rewards.base import Reward
 
 ASPECTS = ("lip_sync", "expression", "motion")
@@ -18,9 +19,39 @@ VOTES = {"a": 1, "b": -1, "tie": 0}
 
 
 def _write_manifest(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _read_label_rows(labels: str) -> list[tuple[int, dict]]:
+    """The rows of a judgement manifest (jsonl) with their line numbers; a file that is not UTF-8 JSON Lines of
+    objects is a ``DataError`` naming the file and the line."""
+    try:
+        data = Path(labels).read_bytes()
+    except FileNotFoundError:
+        raise DataError("labels manifest not found", path=labels) from None
+    except OSError as error:  # a directory, no permission, ...
+        raise DataError(f"cannot read the labels manifest ({error})", path=labels) from None
+    rows = []
+    for number, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"line {number} is not UTF-8 text ({error}): save the file as UTF-8", path=labels) from None
+        try:
+            row = json.loads(text)
+        except ValueError as error:
+            raise DataError(f"line {number} is not valid JSON ({error})", path=labels) from None
+        if not isinstance(row, dict):
+            kind = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+            raise DataError(f"line {number} is {'null' if row is None else kind.get(type(row), type(row).__name__)}, "
+                            "not a JSON object (a row)", path=labels)
+        rows.append((number, row))
+    if not rows:
+        raise DataError("the labels manifest has no rows", path=labels)
+    return rows
 
 
 def sample_pairs(
@@ -41,7 +72,8 @@ def sample_pairs(
     Args:
         recipe: the recipe (config file) whose model samples (its ``model`` and ``data`` sections are used).
         conditions: manifest of conditions (``audio`` + ``reference``, or ``video``; ``pose`` is carried over).
-        out: folder for the pair videos and ``pairs.jsonl``.
+        out: folder for the pair videos (``clips/<id>_chosen.mp4`` and ``_rejected.mp4``, the id made a file name by
+            ``prefalign.files.safe_name``; ids must be unique) and ``pairs.jsonl``. Nothing is written outside it.
         ckpt_path: Lightning checkpoint to sample from (else the recipe's ``model.init_weights``).
         reward: how samples are scored (``class_path`` of a Reward); defaults to the TalkingShapes sync expert.
         num_samples: videos per condition (different initial noise each).
@@ -70,6 +102,9 @@ def sample_pairs(
     )
     module, datamodule = cli.model, cli.datamodule
     if ckpt_path is not None:
+        from prefalign.checkpoints import check_checkpoint
+
+        check_checkpoint(ckpt_path, field="--ckpt_path")
         module.load_state_dict(torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"])
     module.eval()
     reward = reward or SyncExpert(sample_rate=datamodule.sample_rate, fps=datamodule.fps)
@@ -77,7 +112,8 @@ def sample_pairs(
     rows_by_id = {str(row.get("id", i)): row for i, row in enumerate(manifest.rows)}
 
     out_dir = Path(out)
-    (out_dir / "clips").mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inside(out_dir, "clips").mkdir(exist_ok=True)
     pairs, dropped = [], 0
     for batch in datamodule.predict_dataloader():
         if batch["size"] == 0:
@@ -101,11 +137,12 @@ def sample_pairs(
             row = rows_by_id[clip_id]
             record = {"id": clip_id}
             for name, k in (("video", best[i]), ("rejected", worst[i])):
-                path = out_dir / "clips" / f"{clip_id}_{'chosen' if name == 'video' else 'rejected'}.mp4"
+                role = "chosen" if name == "video" else "rejected"
+                path = inside(out_dir, "clips", f"{safe_name(clip_id)}_{role}.mp4")
                 frames = (videos[k][i].permute(0, 2, 3, 1) * 255).round().byte().cpu().numpy()
                 audio = batch["audio"][i].float().cpu().numpy()
                 media.write_video(path, frames, datamodule.fps, audio=audio, sample_rate=datamodule.sample_rate)
-                record[name] = str(path.relative_to(out_dir))
+                record[name] = path.relative_to(out_dir).as_posix()
             for column in ("audio", "reference", "pose"):
                 if row.get(column):
                     record[column] = str(Path(manifest.resolve(row[column])).resolve())
@@ -117,7 +154,7 @@ def sample_pairs(
             pairs.append(record)
     if not pairs:
         raise ValueError(f"no pair kept: all {dropped} conditions had a score gap below min_gap={min_gap}")
-    path = out_dir / "pairs.jsonl"
+    path = inside(out_dir, "pairs.jsonl")
     _write_manifest(path, pairs)
     print(f"{len(pairs)} pairs written to {path}; {dropped} conditions dropped (score gap < {min_gap})")
     return path
@@ -140,28 +177,34 @@ def import_labels(labels: str, out: str, aspects: Optional[list[str]] = None) ->
 
     aspects = list(aspects or ASPECTS)
     source = Path(labels)
-    try:
-        rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
-    except FileNotFoundError:
-        raise DataError("labels manifest not found", path=labels) from None
-    except json.JSONDecodeError as error:
-        raise DataError(f"not valid jsonl ({error})", path=labels) from None
+    numbered = _read_label_rows(labels)
+    rows = [row for _, row in numbered]
     manifest = Manifest(source=labels, rows=rows, root=source.resolve().parent)
     pairs, ties = [], 0
-    for index, row in enumerate(rows):
+    for index, (number, row) in enumerate(numbered):
         for column in ("video_a", "video_b"):
             if not row.get(column):
-                raise DataError(f"row {index} has no '{column}'", path=labels, field=column)
+                raise DataError(f"line {number} has no '{column}'", path=labels, field=column)
+        for column in ("video_a", "video_b", "audio", "reference", "pose", "text"):
+            value = row.get(column)
+            if value is not None and not (isinstance(value, str) and value.strip()):
+                what = "a file path" if column != "text" else "text"
+                raise DataError(f"line {number}: '{column}' must be {what} (a non-empty string), got "
+                                f"{json.dumps(value)[:80]}", path=labels, field=column)
+        if row.get("id") is not None and not isinstance(row["id"], (str, int)):
+            raise DataError(f"line {number}: 'id' must be a string or an integer, got {json.dumps(row['id'])[:80]}",
+                            path=labels, field="id")
         votes = {}
         for aspect in aspects + ["overall"]:
             value = row.get(aspect)
             if value is None:
                 continue
-            if value not in VOTES:
-                raise DataError(f"row {index}: expected one of a, b, tie; got {value!r}", path=labels, field=aspect)
+            if not isinstance(value, str) or value not in VOTES:  # a list or a dict is not even hashable
+                raise DataError(f"line {number}: expected one of a, b, tie; got {json.dumps(value)[:80]}",
+                                path=labels, field=aspect)
             votes[aspect] = VOTES[value]
         if not votes:
-            raise DataError(f"row {index} judges none of {aspects + ['overall']}", path=labels, field=aspects[0])
+            raise DataError(f"line {number} judges none of {aspects + ['overall']}", path=labels, field=aspects[0])
         winner = votes.get("overall", sum(v for k, v in votes.items() if k != "overall"))
         if winner == 0:
             ties += 1
@@ -181,7 +224,7 @@ def import_labels(labels: str, out: str, aspects: Optional[list[str]] = None) ->
         raise DataError(f"every one of the {ties} judgements is a tie: no pair to learn from", path=labels)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "pairs.jsonl"
+    path = inside(out_dir, "pairs.jsonl")
     _write_manifest(path, pairs)
     print(f"{len(pairs)} pairs written to {path}; {ties} ties left out")
     return path

@@ -96,7 +96,9 @@ def substituted(model: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[N
     is after the unit has gathered the parameter (which would otherwise overwrite the substitute) and before it
     frees it. Parameters that are whole already (no FSDP, or the root unit's, gathered for the whole step) are also
     substituted for the context's length, for modules that read them outside their own forward."""
-    modules = {clean_name(name): module for name, module in model.named_modules()}
+    # A wrapper (an FSDP unit) and the module it wraps share a name once the wrapper prefixes go; the wrapped one
+    # (later in the walk) owns the parameters.
+    modules = {clean_name(name + ".").removesuffix("."): module for name, module in model.named_modules()}
     owners: dict[nn.Module, dict[str, torch.Tensor]] = {}
     for name, value in values.items():
         path, _, attr = name.rpartition(".")
@@ -156,3 +158,97 @@ def any_rank(module, flag: bool) -> bool:
     """``flag`` or-ed over all ranks (a collective: every rank must call it)."""
     total = module.trainer.strategy.reduce(torch.tensor(float(flag), device=module.device), reduce_op="sum")
     return bool(total > 0)
+
+
+# --- FSDP units of one dtype ----------------------------------------------------------------------------------------
+def plan_units(root: nn.Module, unit_classes: tuple[type, ...]) -> tuple[list[nn.Module], list[str]]:
+    """The modules to make FSDP units besides ``root`` so that every unit's own parameters share one dtype, and the
+    frozen parameters that must change dtype for that (cast here, in place). Returns the extra units and the cast
+    parameters' names.
+
+    FSDP (torch's FullyShardedDataParallel) flattens the parameters a unit holds into one tensor, which needs one
+    dtype. A LoRA run over a bf16 base holds three kinds in every transformer block: the bf16 base, the fp32 tensors
+    diffusers keeps in fp32 (``_keep_in_fp32_modules``: Wan's ``scale_shift_table`` and ``norm2``) and the fp32 adapters
+    (trained tensors are always fp32). The rule:
+
+    - the units are ``root``, every module of ``unit_classes`` (the recipe's ``auto_wrap_policy``) and, inside a unit
+      whose dtype is not float32, every module that directly holds trained parameters (a LoRA ``lora_A``/``lora_B``
+      linear layer): called through its own forward, it can be a unit of its own;
+    - a unit's dtype is float32 for the root (it holds what prefalign adds, and the codec and audio encoder, which run
+      outside any unit's forward; small, so upcasting them is cheap and lossless) and the dtype of the largest share
+      of frozen parameters for the others (the base's);
+    - frozen parameters of another dtype are cast to their unit's (Wan's fp32-kept tables become bf16, as in Wan's
+      own FSDP setup, which computes every parameter in bf16); a trained parameter that cannot get a unit of its own
+      is an error.
+    """
+    units = [root] + [m for m in root.modules() if m is not root and isinstance(m, unit_classes)]
+    boundaries = {id(m) for m in units}
+    names = {id(p): name for name, p in root.named_parameters()}
+    extra: list[nn.Module] = []
+    cast: list[str] = []
+
+    def held(unit: nn.Module) -> Iterator[tuple[nn.Module, nn.Parameter]]:
+        """(owner, parameter) for each parameter ``unit`` holds itself, not through a nested unit."""
+        stack = [unit]
+        while stack:
+            module = stack.pop()
+            for param in module._parameters.values():
+                if param is not None:
+                    yield module, param
+            stack.extend(child for child in module.children() if id(child) not in boundaries)
+
+    for unit in units:
+        own = list(held(unit))
+        if not own:
+            continue
+        frozen = [p for _, p in own if not p.requires_grad]
+        if unit is root:
+            dtype = torch.float32
+        else:
+            shares: dict[torch.dtype, int] = {}
+            for p in frozen or [p for _, p in own]:
+                shares[p.dtype] = shares.get(p.dtype, 0) + p.numel()
+            dtype = max(shares, key=shares.get)
+        split: set[int] = set()
+        for owner, param in own:
+            if param.dtype == dtype or not param.requires_grad or id(owner) in split:
+                continue
+            subtree = list(owner.parameters())
+            if owner is unit or not all(p.requires_grad and p.dtype == param.dtype for p in subtree):
+                raise ValueError(
+                    f"FSDP: the trained parameter '{names[id(param)]}' ({param.dtype}) sits in a unit of {dtype} "
+                    f"parameters and cannot get a unit of its own (its module '{type(owner).__name__}' also holds "
+                    "other kinds); FSDP needs one dtype per unit"
+                )
+            split.add(id(owner))
+            extra.append(owner)
+        for owner, param in own:
+            if param.dtype != dtype and not param.requires_grad and id(owner) not in split:
+                param.data = param.data.to(dtype)
+                cast.append(names[id(param)])
+        boundaries.update(split)
+    return extra, cast
+
+
+def uniform_dtype_policy(module: nn.Module, policy) -> Optional[object]:
+    """An FSDP ``auto_wrap_policy`` that wraps what ``policy`` (the recipe's: a set of module classes, or
+    ``ModuleWrapPolicy``) wraps plus what :func:`plan_units` adds, with the casts it needs done on ``module``.
+    Returns None (leave the recipe's policy alone) for a custom callable policy, which we cannot extend."""
+    from torch.distributed.fsdp.wrap import CustomPolicy, ModuleWrapPolicy
+
+    if policy is None:
+        classes: tuple[type, ...] = ()
+    elif isinstance(policy, ModuleWrapPolicy):
+        classes = tuple(policy._module_classes)
+    elif isinstance(policy, (set, list, tuple)):
+        classes = tuple(policy)
+    else:
+        return None
+    extra, cast = plan_units(module, classes)
+    if cast:
+        from prefalign.secrets import get_logger
+
+        get_logger(__name__).info(
+            "FSDP: %d frozen tensors cast to their unit's dtype (one dtype per unit), e.g. %s", len(cast), cast[:3])
+    wrapped = {id(m) for m in extra}
+    return CustomPolicy(lambda m: isinstance(m, classes) or id(m) in wrapped)

@@ -14,6 +14,9 @@ import torch  # noqa: E402
 from prefalign.data.synthetic import TalkingShapesConfig, write_dataset  # noqa: E402
 from prefalign.denoisers import MelAudioEncoder, PixelCodec, WanDenoiser  # noqa: E402
 
+# Tiny checkpoints in the real on-disk layouts (tests/layouts.py), as session fixtures for every test module.
+from layouts import svd_xt_dir, wan_i2v_14b_dir, wav2vec2_base_960h_dir  # noqa: E402, F401
+
 TINY_WAN = dict(
     patch_size=(1, 1, 1),
     num_attention_heads=2,

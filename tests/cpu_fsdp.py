@@ -28,6 +28,15 @@ fabric_fsdp._get_full_state_dict_context = _full_state_dict_context
 
 
 class CPUFSDP(FSDPStrategy):
+    def setup(self, trainer) -> None:
+        if "mixed" in self.precision_plugin.precision:
+            # Lightning's FSDP precision autocasts on "cuda" only; on the CPU the same mixed precision needs the
+            # CPU's autocast (FSDP then gathers bf16 copies of fp32 adapters, and autocast lines the inputs up).
+            plugin = self.precision_plugin
+            dtype = torch.bfloat16 if plugin.precision == "bf16-mixed" else torch.float16
+            plugin.forward_context = lambda: torch.autocast("cpu", dtype=dtype)
+        super().setup(trainer)
+
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
         from torch.distributed.fsdp import FullyShardedDataParallel
 

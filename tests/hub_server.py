@@ -54,10 +54,13 @@ class FakeHub:
     Args:
         token: when given, every API request must carry ``Authorization: Bearer <token>`` (401 otherwise); the LFS
             PUT goes to a storage URL and carries none, as on the Hub.
+        echo_headers: answer every error with the request's headers (Authorization included) in its message and
+            its ``X-Error-Message`` header, as a debugging proxy or a hostile endpoint does.
     """
 
-    def __init__(self, token: Optional[str] = None):
+    def __init__(self, token: Optional[str] = None, echo_headers: bool = False):
         self.token = token
+        self.echo_headers = echo_headers
         self.repos: dict[str, Repo] = {}
         self.lfs_objects: dict[str, bytes] = {}
         self.requests: list[Request] = []
@@ -343,6 +346,9 @@ def _handler(hub: FakeHub):
 
         def _send(self, status: int, payload, headers: Optional[dict] = None) -> None:
             headers = dict(headers or {})
+            if status >= 400 and isinstance(payload, dict) and hub.echo_headers:
+                said = payload.get("error") or payload.get("message", "")
+                payload = {**payload, "error": f"{said} (your request's headers: {dict(self.headers)})"}
             if status >= 400 and isinstance(payload, dict):
                 headers.setdefault("X-Error-Message", payload.get("error") or payload.get("message", ""))
             self._send_bytes(status, json.dumps(payload).encode(), "application/json", headers)

@@ -127,6 +127,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_sigkill_and_resume_repeats_the_uninterrupted_losses(case, tmp_path, talkingshapes, pairs):
     algorithm, lora = CASES[case]

@@ -11,7 +11,9 @@ import yaml
 from prefalign.cli import main
 
 ROOT = Path(__file__).parents[1]
-RECIPES = sorted(r for r in ROOT.joinpath("recipes").rglob("*.yaml") if r.parent.name != "cluster")
+RECIPES = sorted(r for r in ROOT.joinpath("recipes").rglob("*.yaml") if r.parent.name not in ("cluster", "algorithms"))
+REAL_SCALE = sorted(ROOT.joinpath("recipes").glob("*.yaml"))
+ALGORITHM_FILES = sorted(ROOT.joinpath("recipes", "algorithms").glob("*.yaml"))
 OVERLAYS = sorted(ROOT.joinpath("recipes", "cluster").glob("*.yaml"))
 DEMO = ROOT / "recipes" / "demo" / "sft.yaml"
 
@@ -24,6 +26,27 @@ def test_every_recipe_parses(recipe, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["denoiser"]["class_path"].startswith("prefalign.denoisers.")
     assert printed["model"]["process"]["class_path"].startswith("prefalign.processes.")
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHM_FILES, ids=[a.stem for a in ALGORITHM_FILES])
+@pytest.mark.parametrize("recipe", REAL_SCALE, ids=[r.stem for r in REAL_SCALE])
+def test_one_value_swaps_the_algorithm_with_its_settings(recipe, algorithm, capsys):
+    """``--model.algorithm recipes/algorithms/X.yaml`` gives exactly X's settings, nothing of the recipe's own."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(recipe), "--model.algorithm", str(algorithm), "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]["algorithm"]
+    wanted = yaml.safe_load(algorithm.read_text())
+    assert contains(printed, wanted), (printed, wanted)
+
+
+def contains(printed, wanted) -> bool:
+    """Whether every value ``wanted`` sets is in ``printed`` (which adds the classes' defaults)."""
+    if isinstance(wanted, dict):
+        return isinstance(printed, dict) and all(k in printed and contains(printed[k], v) for k, v in wanted.items())
+    if isinstance(wanted, list):
+        return isinstance(printed, list) and len(printed) == len(wanted) and all(map(contains, printed, wanted))
+    return printed == wanted
 
 
 def test_help_explains_every_key(capsys):
@@ -108,6 +131,89 @@ def test_fit_then_predict_end_to_end(talkingshapes, tmp_path, monkeypatch):
         assert len(list(container.decode(video=0))) == 51
 
 
+def conditions_manifest(talkingshapes, path, count=2, keys=("audio", "reference")):
+    """A predict manifest of the first ``count`` clips' conditions (no video), as a user would give them."""
+    rows = [json.loads(line) for line in talkingshapes.read_text().splitlines()[:count]]
+    path.write_text("".join(
+        json.dumps({"id": r["id"], **{key: str(talkingshapes.parent / r[key]) for key in keys}}) + "\n" for r in rows))
+    return path, [r["id"] for r in rows]
+
+
+def recipe_without_writer(tmp_path):
+    """The demo recipe with its VideoWriter taken out: a recipe that names no prediction writer."""
+    config = yaml.safe_load(DEMO.read_text())
+    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "VideoWriter" not in c["class_path"]]
+    path = tmp_path / "no_writer.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_predict_without_a_writer_writes_to_the_run_folder(talkingshapes, tmp_path, monkeypatch, capsys):
+    """A recipe with no prediction writer still gets its videos: one mp4 per row under default_root_dir/predictions."""
+    monkeypatch.chdir(tmp_path)  # the recipe's loggers write to runs/
+    conditions, ids = conditions_manifest(talkingshapes, tmp_path / "conditions.jsonl")
+    root = tmp_path / "run"
+    main(["predict", "--config", str(recipe_without_writer(tmp_path)), "--trainer.default_root_dir", str(root),
+          "--data.predict", str(conditions), "--data.num_frames", "17", "--model.sampling.num_steps", "2",
+          "--trainer.limit_predict_batches", "1"])
+    for clip_id in ids:
+        with av.open(str(root / "predictions" / f"{clip_id}.mp4")) as container:
+            assert len(list(container.decode(video=0))) == 17
+    assert f"wrote 2 predicted videos to {root / 'predictions'}" in capsys.readouterr().out
+
+
+def test_only_predict_gets_the_default_writer(tmp_path, monkeypatch):
+    """fit, validate and test build their trainer without a VideoWriter; predict with one, unless a recipe names its
+    own (the demo's, to outputs/demo-sft)."""
+    from prefalign.callbacks import VideoWriter
+    from prefalign.cli import PrefalignCLI
+
+    monkeypatch.chdir(tmp_path)
+    writers = {}
+    monkeypatch.setattr(PrefalignCLI, "_run_subcommand", lambda cli, subcommand: writers.setdefault(
+        subcommand, [c.output_dir for c in cli.trainer.callbacks if isinstance(c, VideoWriter)]))
+    root, recipe = tmp_path / "run", recipe_without_writer(tmp_path)
+    for subcommand in ("fit", "validate", "test", "predict"):
+        main([subcommand, "--config", str(recipe), "--trainer.default_root_dir", str(root)])
+    assert writers == {"fit": [], "validate": [], "test": [], "predict": [root / "predictions"]}
+    writers.clear()
+    main(["predict", "--config", str(DEMO)])
+    assert writers == {"predict": [Path("outputs/demo-sft")]}
+
+
+def test_predict_that_writes_nothing_is_an_error(talkingshapes, tmp_path, monkeypatch):
+    """An empty manifest, or one whose rows never reach the model, fails predict instead of exiting 0."""
+    from prefalign.data.errors import DataError
+
+    monkeypatch.chdir(tmp_path)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="the manifest has no rows") as error:
+        main(["predict", "--config", str(DEMO), "--trainer.default_root_dir", str(tmp_path / "run"),
+              "--data.predict", str(empty)])
+    assert str(empty) in str(error.value)
+    # Rows, but none predicted: an error too, not exit 0 with an empty folder.
+    conditions, _ = conditions_manifest(talkingshapes, tmp_path / "conditions.jsonl")
+    with pytest.raises(RuntimeError, match="predict wrote no video") as error:
+        main(["predict", "--config", str(recipe_without_writer(tmp_path)), "--trainer.default_root_dir",
+              str(tmp_path / "run"), "--data.predict", str(conditions), "--trainer.limit_predict_batches", "0"])
+    assert str(conditions) in str(error.value) and "limit_predict_batches" in str(error.value)
+    assert not (tmp_path / "run" / "predictions").exists()
+
+
+def test_predict_with_a_skeleton_conditioned_model_on_conditions(talkingshapes, tmp_path, monkeypatch):
+    """sft_pose.yaml's denoiser (pose_keypoints: 8) animates conditions-only rows: their pose reaches the model."""
+    monkeypatch.chdir(tmp_path)  # the recipe's runs/ and outputs/ folders land here
+    conditions, ids = conditions_manifest(talkingshapes, tmp_path / "conditions.jsonl",
+                                          keys=("audio", "reference", "pose"))
+    main(["predict", "--config", str(ROOT / "recipes" / "demo" / "sft_pose.yaml"), "--data.predict", str(conditions),
+          "--data.num_frames", "17", "--model.sampling.num_steps", "2", "--trainer.limit_predict_batches", "1"])
+    for clip_id in ids:
+        with av.open(str(tmp_path / "outputs/demo-sft-pose" / f"{clip_id}.mp4")) as container:
+            frames = list(container.decode(video=0))
+            assert len(frames) == 17 and (frames[0].width, frames[0].height) == (32, 32)
+
+
 def test_default_loggers_checkpoint_and_curves(talkingshapes, tmp_path):
     """A recipe that names no logger and no callbacks gets CSV + TensorBoard, the last checkpoint and the curves."""
     root = tmp_path / "run"
@@ -144,21 +250,32 @@ def test_export_writes_init_weights(talkingshapes, tmp_path, monkeypatch):
     assert not any(key.startswith("codec.") for key in weights)
 
 
-@pytest.mark.parametrize(
-    "recipe", ["dpo_hallo4.yaml", "sft_wan_i2v.yaml", "refree_s2v.yaml", "cluster/fsdp.yaml"]
-)
-def test_real_scale_strategy_resolves_its_wrap_policy(recipe):
-    """The FSDP strategy of the multi-GPU recipes instantiates, with the Wan block class as its wrap unit."""
+def strategy_of(recipe: str):
     from jsonargparse import ArgumentParser
-    from lightning.pytorch.strategies import FSDPStrategy, Strategy
+    from lightning.pytorch.strategies import Strategy
 
     config = yaml.safe_load((ROOT / "recipes" / recipe).read_text())
     parser = ArgumentParser()
     parser.add_argument("--strategy", type=Strategy)
-    strategy = parser.instantiate(parser.parse_object({"strategy": config["trainer"]["strategy"]})).strategy
+    return parser.instantiate(parser.parse_object({"strategy": config["trainer"]["strategy"]})).strategy
+
+
+def test_fsdp_overlay_resolves_its_wrap_policy():
+    """The FSDP overlay's strategy instantiates, with the Wan block class as its wrap unit."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    strategy = strategy_of("cluster/fsdp.yaml")
     assert isinstance(strategy, FSDPStrategy)
     policy = strategy.kwargs["auto_wrap_policy"]
     assert {cls.__name__ for cls in policy._module_classes} == {"WanTransformerBlock"}
+
+
+@pytest.mark.parametrize("recipe", [r.name for r in REAL_SCALE])
+def test_real_scale_recipes_use_a_strategy_every_algorithm_runs_under(recipe):
+    """DDP: GRPO cannot step inside the FSDP root's forward, so one value swaps the algorithm only under DDP."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    assert type(strategy_of(recipe)) is DDPStrategy
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=[o.name for o in OVERLAYS])

@@ -185,6 +185,7 @@ def test_a_fit_with_bad_clips_logs_the_count_and_a_summary_by_shard(tmp_path, ca
 
     import lightning as L
 
+    from prefalign.algorithms import SFT
     from prefalign.module import AlignmentModule
     from prefalign.processes import FlowMatching
 
@@ -201,7 +202,8 @@ def test_a_fit_with_bad_clips_logs_the_count_and_a_summary_by_shard(tmp_path, ca
             seen.extend(batch["id"])
 
     dm = PortraitDataModule(train=str(manifest), val_fraction=0.0, batch_size=2, num_frames=9, on_bad_sample="skip")
-    module = AlignmentModule(tiny_wan(), FlowMatching())
+    # SFT's mouth weight reads the pose: a run that reads none would ignore the broken pose file (not skip its row).
+    module = AlignmentModule(tiny_wan(), FlowMatching(), algorithm=SFT(mouth_weight=1.0))
     trainer = quiet_trainer(max_epochs=2, callbacks=[Seen()])
     with caplog.at_level(logging.WARNING, logger="prefalign"):
         trainer.fit(module, datamodule=dm)
@@ -210,3 +212,64 @@ def test_a_fit_with_bad_clips_logs_the_count_and_a_summary_by_shard(tmp_path, ca
     assert len(summaries) == 2  # one per epoch
     assert summaries[0].startswith("train epoch 0: 2 samples skipped") and str(manifest) in summaries[0]
     assert "video:" in summaries[0] and "pose:" in summaries[0]
+
+
+@pytest.fixture
+def conditions(talkingshapes, tmp_path):
+    """A conditions-only manifest (what GRPO trains on and predict animates): audio, reference and pose, no video."""
+    records = [{"id": r["id"], **{key: str(talkingshapes.parent / r[key]) for key in ("audio", "reference", "pose")}}
+               for r in rows(talkingshapes)[:4]]
+    return write_manifest(tmp_path / "conditions.jsonl", records), records
+
+
+def test_conditions_rows_carry_their_pose(conditions):
+    """Rows without a video give the pose of the clip's frames: the first num_frames of the file, like the audio."""
+    manifest, records = conditions
+    poses = torch.stack([torch.from_numpy(np.load(r["pose"])) for r in records])
+    dm = PortraitDataModule(predict=str(manifest), eval_batch_size=4, num_frames=9)
+    assert "pose" in dm.available_fields("predict")
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["id"] == [r["id"] for r in records] and "video" not in batch
+    assert batch["num_frames"].tolist() == [9] * 4 and batch["audio"].shape == (4, 9 * 640)
+    assert batch["pose"].shape == (4, 9, 8, 2)
+    torch.testing.assert_close(batch["pose"], poses[:, :9])
+
+    # A GRPO-style training set of conditions: the whole clip's pose when num_frames is not set.
+    dm = PortraitDataModule(train=str(manifest), val_fraction=0.0, batch_size=2)
+    assert "pose" in dm.available_fields("train")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["pose"].shape == (2, 17, 8, 2) and batch["num_frames"].tolist() == [17, 17]
+    for pose, clip_id in zip(batch["pose"], batch["id"]):
+        torch.testing.assert_close(pose, poses[[r["id"] for r in records].index(clip_id)])
+
+
+def test_conditions_pose_shorter_than_the_clip(conditions, tmp_path):
+    manifest, records = conditions
+    short = tmp_path / "short_pose.npy"
+    np.save(short, np.load(records[0]["pose"])[:10])
+    write_manifest(manifest, [{**records[0], "pose": str(short)}])
+    with pytest.raises(DataError, match="pose has 10 frames, fewer than the 17 needed") as error:
+        load_first(manifest)
+    assert_names(error, "short_pose.npy", "pose")
+    assert load_first(manifest, num_frames=9)["pose"].shape == (9, 8, 2)  # 9 frames are covered
+
+
+def test_grpo_trains_a_pose_conditioned_model_on_conditions(conditions):
+    """grpo_flowportrait's setup in small: a skeleton-conditioned denoiser, rollouts from conditions-only rows and a
+    jitter penalty that reads the pose. One step runs and moves the trained parameters."""
+    from prefalign.algorithms import GRPO
+    from prefalign.module import AlignmentModule
+    from prefalign.processes import FlowMatching
+    from prefalign.rewards import JitterPenalty
+
+    from conftest import quiet_trainer, tiny_wan
+
+    manifest, _ = conditions
+    grpo = GRPO(JitterPenalty(implied="pose", scale=100.0), group_size=2, num_steps=2, train_fraction=1.0)
+    module = AlignmentModule(tiny_wan(pose_keypoints=8), FlowMatching(), algorithm=grpo,  # no decay: moved = a gradient
+                             optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0))
+    before = {name: p.detach().clone() for name, p in module.named_parameters() if p.requires_grad}
+    dm = PortraitDataModule(train=str(manifest), val_fraction=0.0, batch_size=2, num_frames=17)
+    quiet_trainer(max_steps=1).fit(module, datamodule=dm)
+    moved = [name for name, p in module.named_parameters() if name in before and not torch.equal(p, before[name])]
+    assert any("motion" in name for name in moved)  # the skeleton branch took part in the update

@@ -15,6 +15,8 @@ import torch
 
 from test_checkpoints import CASES, PREFALIGN, TESTS, fit, pairs, recipe, step_losses  # noqa: F401 (pairs: a fixture)
 
+pytestmark = pytest.mark.slow  # multi-process or end-to-end runs: make test-slow (CI runs it)
+
 DDP = ["--trainer.strategy", "ddp", "--trainer.devices", "2"]
 
 

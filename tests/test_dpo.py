@@ -140,3 +140,74 @@ def test_online_reference_refreshes_after_every_kth_step(tmp_path):
     trainer = quiet_trainer(max_steps=5, callbacks=[Count()])
     trainer.fit(module, datamodule=PortraitDataModule(train=str(pairs), val_fraction=0.0, batch_size=2, num_frames=9))
     assert seen == [(1, 1), (2, 2), (3, 2), (4, 3), (5, 3)]  # one at setup (the start), then after steps 2 and 4
+
+
+class RankedReward:
+    """A reward that ranks samples by their mean brightness (NaN where ``drop`` says so), and records what it saw."""
+
+    def __init__(self, drop=()):
+        self.drop = set(drop)
+        self.seen = None
+
+    def total(self, videos, cond):
+        self.seen = videos
+        scores = videos.float().flatten(1).mean(dim=1)
+        for i in self.drop:
+            scores[i] = float("nan")
+        return scores, {"brightness": scores}
+
+
+def online_batch(clip_batch):
+    return {k: v for k, v in clip_batch.items() if k != "video"} | {"num_frames": torch.tensor([9] * 4)}
+
+
+def test_online_pairs_are_the_best_and_worst_sample_of_each_group(clip_batch):
+    reward = RankedReward()
+    algo = DiffusionDPO(reward=reward, group_size=3, sample_steps=2)
+    module = AlignmentModule(tiny_wan(), FlowMatching(), algorithm=algo, lora=LoraSettings(rank=4))
+    batch = {k: (v[:2] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in online_batch(clip_batch).items()}
+    batch["audio"] = batch["audio"][:, : 9 * 640]
+    chosen, rejected, weight, logged = algo.online_pairs(module, batch)
+    assert chosen.shape == rejected.shape == (2, *module.denoiser.latent_shape(9, 32, 32))
+    brightness = reward.seen.flatten(1).mean(dim=1).view(2, 3)
+    decoded_chosen = module.denoiser.decode(chosen).flatten(1).mean(dim=1)
+    decoded_rejected = module.denoiser.decode(rejected).flatten(1).mean(dim=1)
+    torch.testing.assert_close(decoded_chosen, brightness.max(dim=1).values)
+    torch.testing.assert_close(decoded_rejected, brightness.min(dim=1).values)
+    assert weight.tolist() == [1.0, 1.0]
+    assert logged["online_reward_best"] > logged["online_reward_worst"]
+
+
+def test_online_groups_without_two_usable_rewards_weigh_nothing(clip_batch):
+    algo = DiffusionDPO(reward=RankedReward(drop=(0, 1)), group_size=2, sample_steps=1)  # group 0 fully dropped
+    module = AlignmentModule(tiny_wan(), FlowMatching(), algorithm=algo, lora=LoraSettings(rank=4))
+    batch = {k: (v[:2] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in online_batch(clip_batch).items()}
+    batch["audio"] = batch["audio"][:, : 9 * 640]
+    _, _, weight, logged = algo.online_pairs(module, batch)
+    assert weight.tolist() == [0.0, 1.0]
+    assert logged["online_dropped_fraction"].item() == 0.5
+
+
+def test_dpo_without_rejected_clips_needs_a_reward(talkingshapes):
+    from prefalign.data.errors import DataError
+
+    with pytest.raises(DataError, match="rejected"):
+        DiffusionDPO().check_fields({"video", "audio", "reference"}, str(talkingshapes))
+    DiffusionDPO(reward=RankedReward()).check_fields({"video", "audio", "reference"}, str(talkingshapes))
+
+
+def test_online_dpo_fits_on_clips_without_rejected(tmp_path, talkingshapes):
+    """The same clips SFT trains on: DPO makes its pairs from its own samples, and its adapters move."""
+    from prefalign.data.datamodule import PortraitDataModule
+    from prefalign.rewards import SyncExpert
+
+    algo = DiffusionDPO(beta=500.0, reward=SyncExpert(), group_size=2, sample_steps=2, lr=1e-3)
+    module = AlignmentModule(tiny_wan(), FlowMatching(), algorithm=algo, lora=LoraSettings(rank=4))
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    trainer = quiet_trainer(max_steps=2)
+    trainer.fit(module, datamodule=PortraitDataModule(train=str(talkingshapes), val_fraction=0.0, batch_size=2,
+                                                      num_frames=9))
+    assert trainer.global_step == 2
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 1e-3  # the algorithm's rate
+    moved = [n for n, p in module.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert any("lora_B" in n for n in moved)

@@ -12,6 +12,8 @@ import torch
 from test_checkpoints import CASES, fit, pairs, recipe, step_losses  # noqa: F401 (pairs: a fixture)
 from test_distributed import RankLog, read
 
+pytestmark = pytest.mark.slow  # multi-process or end-to-end runs: make test-slow (CI runs it)
+
 WAN_BLOCK = "diffusers.models.transformers.transformer_wan.WanTransformerBlock"
 FSDP = ["--trainer.strategy",
         f"{{class_path: cpu_fsdp.CPUFSDP, init_args: {{process_group_backend: gloo, auto_wrap_policy: [{WAN_BLOCK}]}}}}",

@@ -1,8 +1,13 @@
 """GRPO: rollouts with log-probs, the exact first-pass ratio, group advantages, the KL to the reference, training."""
 
+import copy
+from datetime import timedelta
+from functools import partial
+
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.strategies import DDPStrategy
 
 from prefalign.algorithms.grpo import GRPO, gaussian_kl, ppo_clip_loss
 from prefalign.data.datamodule import PortraitDataModule
@@ -10,8 +15,9 @@ from prefalign.module import AlignmentModule, LoraSettings
 from prefalign.processes import Diffusion, FlowMatching
 from prefalign.rewards import SyncExpert
 from prefalign.rewards.base import Reward
+from prefalign.rewards.composite import CompositeReward
 
-from conftest import tiny_wan
+from conftest import quiet_trainer, tiny_wan
 
 
 class Recorder(L.Callback):
@@ -24,15 +30,17 @@ class Recorder(L.Callback):
         self.rows.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
 
 
-def fit(module, talkingshapes, steps=1, batch_size=2, **trainer_args):
+def fitted(module, talkingshapes, steps=1, batch_size=2, **trainer_args):
+    """The trainer after ``steps`` training steps on TalkingShapes, and the metrics logged at every step."""
     recorder = Recorder()
-    trainer = L.Trainer(
-        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, callbacks=[recorder], **trainer_args,
-    )  # fmt: skip
+    trainer = quiet_trainer(max_steps=steps, callbacks=[recorder, *trainer_args.pop("callbacks", [])], **trainer_args)
     data = PortraitDataModule(train=str(talkingshapes), batch_size=batch_size, num_frames=17, val_fraction=0.0)
     trainer.fit(module, datamodule=data)
-    return recorder.rows
+    return trainer, recorder.rows
+
+
+def fit(module, talkingshapes, steps=1, batch_size=2, **trainer_args):
+    return fitted(module, talkingshapes, steps, batch_size, **trainer_args)[1]
 
 
 @pytest.mark.parametrize("process", [FlowMatching(), Diffusion(prediction="v", eta=1.0)], ids=["flow-sde", "ddim-eta"])
@@ -172,6 +180,145 @@ def test_grpo_raises_the_reward_it_is_given(talkingshapes):
     assert last > first + 0.01
 
 
+class FailingJudge(Reward):
+    """Brightness as a judge under ``on_failure: drop`` would give it: NaN (dropped) for every sample of the calls
+    in ``failing_calls`` (None: every call) on the process ``rank`` (None: every process) and for the samples in
+    ``drop``; counts its failures as judges do."""
+
+    on_failure = "drop"
+
+    def __init__(self, failing_calls=None, drop=(), rank=None):
+        self.failing_calls, self.drop, self.rank, self.calls = failing_calls, drop, rank, 0
+        self.stats = {"requests": 0, "failures": 0}
+
+    def score(self, videos, cond):
+        r = videos.float().mean(dim=(1, 2, 3, 4))
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if (self.failing_calls is None or self.calls in self.failing_calls) and self.rank in (None, rank):
+            r = torch.full_like(r, float("nan"))
+        for i in self.drop:
+            r[i] = float("nan")
+        self.calls += 1
+        self.stats["requests"] += len(r)
+        self.stats["failures"] += int(torch.isnan(r).sum())
+        return {"judge/brightness": r}
+
+    def total(self, videos, cond):
+        terms = self.score(videos, cond)
+        return terms["judge/brightness"], terms
+
+
+def weights(module):
+    return {name: p.detach().clone() for name, p in module.named_parameters()}
+
+
+def assert_identical(a, b):
+    """Bit-identical nested dicts/lists of tensors and numbers."""
+    if torch.is_tensor(a):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_identical(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_identical(x, y)
+    else:
+        assert a == b
+
+
+def test_a_batch_without_usable_reward_is_a_step_that_changes_no_weight(talkingshapes):
+    """A dead judge (every reward NaN) used to leave global_step at 0 forever: each batch is now a counted step.
+    (``max_epochs=1`` bounds a regression to the 12 batches of one epoch instead of an endless run.)"""
+    torch.manual_seed(0)
+    grpo = GRPO(FailingJudge(), group_size=2, num_steps=2, train_fraction=1.0)
+    module = AlignmentModule(tiny_wan(), FlowMatching(), algorithm=grpo,
+                             optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2),
+                             lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
+    before = weights(module)
+    trainer, rows = fitted(module, talkingshapes, steps=3, batch_size=1, max_epochs=1)
+    assert trainer.global_step == 3
+    assert_identical(weights(module), before)
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 3  # stepped as for any step
+    assert [r["train/dropped_fraction"] for r in rows] == [1.0, 1.0, 1.0]
+    assert [r["train/empty_batches"] for r in rows] == [1.0, 2.0, 3.0]
+
+
+class Snapshot(L.Callback):
+    """The weights and the optimizer's state after the first step."""
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if batch_idx == 0:
+            self.weights = weights(module)
+            self.optimizer = copy.deepcopy(trainer.optimizers[0].state_dict())
+
+
+def test_an_empty_step_leaves_the_weights_and_the_optimizer_state_bit_identical(talkingshapes):
+    torch.manual_seed(0)
+    grpo = GRPO(FailingJudge(failing_calls=range(1, 100)), group_size=2, num_steps=2, train_fraction=1.0)
+    module = AlignmentModule(tiny_wan(), FlowMatching(), algorithm=grpo,
+                             optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
+    before, snapshot = weights(module), Snapshot()
+    trainer, rows = fitted(module, talkingshapes, steps=3, batch_size=1, max_epochs=1, callbacks=[snapshot])
+    assert trainer.global_step == 3
+    assert any(not torch.equal(before[k], v) for k, v in snapshot.weights.items())  # the first step trained
+    assert snapshot.optimizer["state"]  # ... and filled AdamW's moments
+    assert_identical(weights(module), snapshot.weights)
+    assert_identical(trainer.optimizers[0].state_dict(), snapshot.optimizer)
+    assert [r["train/empty_batches"] for r in rows] == [0.0, 1.0, 2.0]
+
+
+def test_consecutive_empty_batches_stop_with_a_clear_error(talkingshapes):
+    """Batches 1, 3 and 4 get no usable reward: the usable 2nd resets the count, the 4th is the 2nd in a row."""
+    torch.manual_seed(0)
+    judge = FailingJudge(failing_calls={0, 2, 3})
+    grpo = GRPO(judge, group_size=2, num_steps=2, max_empty_batches=2)
+    module = AlignmentModule(tiny_wan(), FlowMatching(), algorithm=grpo)
+    trainer = quiet_trainer(max_steps=5, max_epochs=1)
+    data = PortraitDataModule(train=str(talkingshapes), batch_size=1, num_frames=17, val_fraction=0.0)
+    with pytest.raises(RuntimeError, match="2 consecutive batches had no usable reward") as error:
+        trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 3 and judge.calls == 4
+    message = str(error.value)
+    assert "FailingJudge (on_failure='drop'): requests 8, failures 6" in message
+    assert "judge endpoint" in message and "on_failure" in message
+
+
+def test_the_empty_batch_count_survives_a_resume():
+    reward = CompositeReward([FailingJudge()], normalize="running")
+    reward.running_stats = {"judge/brightness": {"count": 4, "mean": 0.5, "m2": 0.1}}
+    grpo = GRPO(reward)
+    grpo.empty_batches = 7
+    resumed = GRPO(CompositeReward([FailingJudge()], normalize="running"))
+    resumed.load_state_dict(copy.deepcopy(grpo.state_dict()))
+    assert resumed.empty_batches == 7
+    assert resumed.reward.running_stats == reward.running_stats
+    with pytest.raises(ValueError, match="max_empty_batches"):
+        GRPO(reward, max_empty_batches=0)
+
+
+def test_a_reward_dropped_for_some_samples_still_trains(talkingshapes):
+    """One of three rollouts dropped: the others train, and the drop rate is logged. With micro_batch=1 the
+    dropped rollout's part still goes through backward (under DDP every rank makes the same backward calls)."""
+    torch.manual_seed(0)
+    grpo = GRPO(FailingJudge(failing_calls=(), drop=(1,)), group_size=3, num_steps=2, train_fraction=1.0,
+                micro_batch=1)
+    module = AlignmentModule(tiny_wan(), FlowMatching(), algorithm=grpo,
+                             optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
+    before = weights(module)
+    backwards = []
+    original = module.manual_backward
+    module.manual_backward = lambda loss, *a, **k: backwards.append(loss.item()) or original(loss, *a, **k)
+    trainer, rows = fitted(module, talkingshapes, steps=1, batch_size=1)
+    assert trainer.global_step == 1
+    assert any(not torch.equal(before[k], v) for k, v in weights(module).items())
+    assert rows[0]["train/dropped_fraction"] == pytest.approx(1 / 3)
+    assert rows[0]["train/dropped_samples"] == 1.0 and rows[0]["train/empty_batches"] == 0.0
+    assert len(backwards) == 2 * 3  # every sampler step x every part, the dropped one's included
+    assert backwards[1] == 0.0 and backwards[4] == 0.0
+
+
 class RankRecorder(L.Callback):
     """Writes each rank's last rollouts to a file: ddp_spawn children cannot hand objects back."""
 
@@ -184,6 +331,7 @@ class RankRecorder(L.Callback):
                    f"{self.folder}/rank{trainer.global_rank}_step{trainer.global_step}.pt")
 
 
+@pytest.mark.slow
 def test_two_process_ddp_keeps_groups_whole_and_noise_apart(talkingshapes, tmp_path):
     """2-process DDP on CPU: every rank rolls out whole groups for its own conditions (group advantages have zero
     mean on each rank) and no two ranks start from the same noise."""
@@ -207,3 +355,44 @@ def test_two_process_ddp_keeps_groups_whole_and_noise_apart(talkingshapes, tmp_p
                 assert abs(adv[groups == g].sum()) < 1e-5
         noise = torch.cat([r["start_noise"] for r in ranks])
         assert len({tuple(row.tolist()) for row in noise}) == 12  # 2 ranks x 6 rollouts, all different
+
+
+class LockstepRecorder(L.Callback):
+    """Writes each rank's backward calls, step, drop rate and weights after every batch to a file."""
+
+    def __init__(self, folder):
+        self.folder, self.backwards = str(folder), 0
+
+    def on_after_backward(self, trainer, module):
+        self.backwards += 1
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        torch.save({"backwards": self.backwards, "step": trainer.global_step, "weights": weights(module),
+                    "dropped_fraction": float(trainer.callback_metrics.get("train/dropped_fraction", float("nan")))},
+                   f"{self.folder}/rank{trainer.global_rank}_batch{batch_idx}.pt")
+        self.backwards = 0
+
+
+@pytest.mark.slow
+def test_two_process_ddp_trains_in_lockstep_when_one_rank_loses_its_reward(talkingshapes, tmp_path):
+    """Rank 1's judge fails its first batch: it still makes every backward call rank 0 makes (zero-weighted), so
+    the gradient all-reduces pair up and both ranks take the same step on the same batch."""
+    torch.manual_seed(0)
+    grpo = GRPO(FailingJudge(failing_calls={0}, rank=1), group_size=2, num_steps=2, train_fraction=1.0,
+                micro_batch=1)
+    module = AlignmentModule(tiny_wan(), FlowMatching(), algorithm=grpo,
+                             optimizer=partial(torch.optim.AdamW, lr=1e-2))  # picklable for ddp_spawn
+    before = weights(module)
+    # A collective timeout: a rank left waiting for a backward its peer never makes fails instead of hanging.
+    strategy = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=120))
+    trainer = quiet_trainer(max_steps=1, max_epochs=1, devices=2, strategy=strategy,
+                            callbacks=[LockstepRecorder(tmp_path)])
+    data = PortraitDataModule(train=str(talkingshapes), batch_size=1, num_frames=17, val_fraction=0.0)
+    trainer.fit(module, datamodule=data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0_batch0.pt", "rank1_batch0.pt"]
+    ranks = [torch.load(tmp_path / f"rank{r}_batch0.pt") for r in (0, 1)]
+    assert [r["dropped_fraction"] for r in ranks] == [0.0, 1.0]
+    assert [r["backwards"] for r in ranks] == [4, 4]  # 2 sampler steps x 2 parts, on both ranks
+    assert [r["step"] for r in ranks] == [1, 1]
+    assert_identical(ranks[0]["weights"], ranks[1]["weights"])
+    assert any(not torch.equal(before[k], v) for k, v in ranks[0]["weights"].items())

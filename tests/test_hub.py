@@ -8,11 +8,14 @@ import os
 import secrets
 import subprocess
 import sys
+import warnings
+from pathlib import Path
 
 import huggingface_hub.constants as hf_constants
 import lightning as L
 import pytest
 import torch
+import yaml
 from huggingface_hub import ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 from peft import PeftModel, get_peft_model_state_dict
@@ -21,8 +24,10 @@ from safetensors.torch import load_file
 
 from prefalign.cli import main
 from prefalign.data.datamodule import PortraitDataModule
+from prefalign.recipes import MAX_BYTES
 from prefalign.hub import (
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODULES, RECIPE, PushToHub, eval_markdown, load_adapter, push, write_adapter,
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODULES, RECIPE, PushToHub, eval_markdown, find_recipe,
+    load_adapter, push, write_adapter,
 )  # fmt: skip
 from prefalign.module import AlignmentModule, LoraSettings
 from prefalign.processes import FlowMatching
@@ -30,6 +35,8 @@ from prefalign.processes import FlowMatching
 from conftest import TINY_WAN, tiny_wan
 from hub_server import FakeHub
 
+DEMO = Path(__file__).parents[1] / "recipes" / "demo" / "sft.yaml"
+WAN = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 RECIPE_TEXT = "model:\n  lora:\n    rank: 4\n    alpha: 8.0\ntrainer:\n  max_steps: 7\n"
 TABLE = {
     "metrics": {"sync": {"mean": 0.8791, "std": 0.0123}, "identity": {"mean": 0.0226}, "jitter": 0.00666,
@@ -183,6 +190,7 @@ def test_push_from_the_shell_with_private_branch_message_recipe_and_table(hub, t
         load_adapter(tiny_wan(), "alice/wan2.1-private-lora", revision="no-such-branch")
 
 
+@pytest.mark.filterwarnings("ignore:no recipe found")
 def test_push_errors_say_what_to_do(hub, monkeypatch, tmp_path):
     full = AlignmentModule(tiny_wan(), FlowMatching())
     ckpt = tmp_path / "full.ckpt"
@@ -278,7 +286,8 @@ class NoCheckpointHook(AlignmentModule):
 
 def test_push_to_hub_uploads_every_n_steps_and_at_the_end(hub, token, talkingshapes, tmp_path, clip_batch, caplog):
     module = lora_module(NoCheckpointHook)
-    trainer = fit(module, talkingshapes, PushToHub("alice/live", every_n_steps=2, endpoint=hub.url), 3, tmp_path)
+    callback = PushToHub("alice/live", every_n_steps=2, endpoint=hub.url, base_model=WAN)
+    trainer = fit(module, talkingshapes, callback, 3, tmp_path)
     commits = hub.commits("alice/live")[1:]  # after the Hub's initial commit
     assert [c.summary for c in commits] == [
         "prefalign: adapters at step 2", "prefalign: adapters at the end of training (step 3)",
@@ -290,10 +299,12 @@ def test_push_to_hub_uploads_every_n_steps_and_at_the_end(hub, token, talkingsha
     x_t, t, cond = fixed_inputs(module, clip_batch)
     torch.testing.assert_close(loaded(x_t, t, cond), module.denoiser(x_t, t, cond))
     assert "for 3 optimizer steps" in commits[1].files["README.md"].decode()
+    assert ModelCard(commits[1].files["README.md"].decode()).data.base_model == WAN
     # The checkpoint file Lightning writes for the run pushes the same tensors.
     module.on_save_checkpoint = AlignmentModule.on_save_checkpoint.__get__(module)
     trainer.save_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
-    push(tmp_path / "run" / "checkpoints" / "last.ckpt", "alice/from-file", endpoint=hub.url)
+    with pytest.warns(UserWarning, match="no recipe found"):  # a run outside LightningCLI saves no config
+        push(tmp_path / "run" / "checkpoints" / "last.ckpt", "alice/from-file", endpoint=hub.url)
     for name in (ADAPTER_WEIGHTS, MODULES):
         pushed, live = (safetensors_load(hub.files(repo)[name]) for repo in ("alice/from-file", "alice/live"))
         assert pushed.keys() == live.keys() and all(torch.equal(pushed[k], live[k]) for k in live)
@@ -330,3 +341,131 @@ def test_init_adapter_rebuilds_the_run_with_the_loaded_model_as_reference(tmp_pa
     assert trainable and all("lora_" in name or "audio_conditioning" in name for name in trainable)
     with pytest.raises(ValueError, match="disagrees with the adapters"):
         AlignmentModule(tiny_wan(), FlowMatching(), init_adapter=str(folder), lora=LoraSettings(rank=8))
+
+
+def test_push_finds_the_recipe_of_a_run_with_a_fixed_checkpoint_folder(hub, talkingshapes, tmp_path, capsys):
+    """The real-scale recipes' layout: checkpoints in ``ROOT/checkpoints/``, the config LightningCLI saves in the first
+    logger's ``ROOT/csv/version_N/``. A resumed run adds a version; another run may share the root."""
+    root = tmp_path / "runs" / "sft"
+    files = {  # what recipes/sft_wan_i2v.yaml sets for the run's files, around the demo's tiny model
+        "trainer": {
+            "default_root_dir": str(root), "max_steps": 1, "limit_val_batches": 0, "enable_progress_bar": False,
+            "logger": [
+                {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                 "init_args": {"save_dir": str(root), "name": "csv"}},
+                {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                 "init_args": {"save_dir": str(root), "name": "tensorboard"}},
+            ],
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                           "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True, "save_top_k": 0}}],
+        },
+        "model": {"lora": {"rank": 4}},
+        "data": {"train": str(talkingshapes), "batch_size": 2},
+    }  # fmt: skip
+    (tmp_path / "files.yaml").write_text(yaml.safe_dump(files))
+    main(["fit", "--config", str(DEMO), "--config", str(tmp_path / "files.yaml")])
+    ckpt, saved = root / "checkpoints" / "last.ckpt", root / "csv" / "version_0" / "config.yaml"
+    assert ckpt.is_file() and saved.is_file() and not (root / "config.yaml").exists()
+    capsys.readouterr()
+
+    main(["push", "--ckpt_path", str(ckpt), "--repo_id", "alice/sft"])
+    assert hub.files("alice/sft")[RECIPE].decode() == saved.read_text()
+    assert f"recipe: {saved}" in capsys.readouterr().out
+
+    # A resumed run (more steps) wrote version_1; a later run of another recipe, sharing the root but keeping its
+    # checkpoints elsewhere, wrote version_2. The push takes the newest config that names this checkpoint folder.
+    config = yaml.safe_load(saved.read_text())
+    resumed = yaml.safe_dump({**config, "trainer": {**config["trainer"], "max_steps": 2}})
+    elsewhere = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(root / "other-checkpoints")}}  # fmt: skip
+    other = {**config["trainer"], "callbacks": [elsewhere]}
+    for version, text in ((1, resumed), (2, yaml.safe_dump({**config, "trainer": other}))):
+        (root / "csv" / f"version_{version}").mkdir()
+        (root / "csv" / f"version_{version}" / "config.yaml").write_text(text)
+    main(["push", "--ckpt_path", str(ckpt), "--repo_id", "alice/sft"])
+    assert hub.files("alice/sft")[RECIPE].decode() == resumed
+    assert f"recipe: {root / 'csv' / 'version_1' / 'config.yaml'}" in capsys.readouterr().out
+
+
+def test_push_without_a_recipe_warns_and_reads_only_recipe_sized_files(hub, tmp_path, capsys):
+    root = tmp_path / "run"
+    ckpt = root / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save(lora_checkpoint(trained_module()), ckpt)
+    with pytest.warns(UserWarning, match="no recipe found.*--recipe FILE"):
+        main(["push", "--ckpt_path", str(ckpt), "--repo_id", "alice/bare"])
+    assert RECIPE not in hub.files("alice/bare") and "## Recipe" not in hub.files("alice/bare")["README.md"].decode()
+    assert "recipe:" not in capsys.readouterr().out
+
+    huge = root / "csv" / "version_0" / "config.yaml"
+    huge.parent.mkdir(parents=True)
+    huge.write_text("trainer:\n  max_steps: 1\n" + "#" * MAX_BYTES)
+    with pytest.warns(UserWarning, match="too big for a recipe.*pushing without prefalign_recipe.yaml.*--recipe"):
+        push(ckpt, "alice/huge")
+    assert RECIPE not in hub.files("alice/huge")
+    with pytest.raises(ValueError, match="too big for a recipe"):  # the user's own file: an error, not a warning
+        main(["push", "--ckpt_path", str(ckpt), "--repo_id", "alice/huge", "--recipe", str(huge)])
+
+    # Several configs, none naming this checkpoint folder: the newest version, with a warning.
+    huge.write_text(RECIPE_TEXT)
+    (root / "tensorboard" / "version_3").mkdir(parents=True)
+    (root / "tensorboard" / "version_3" / "config.yaml").write_text(RECIPE_TEXT)
+    with pytest.warns(UserWarning, match="none of the 2 configs.*taking the newest.*version_3"):
+        assert find_recipe(ckpt) == root / "tensorboard" / "version_3" / "config.yaml"
+    # Lightning's default layout (checkpoints inside the logger's version folder): the config beside them.
+    inside = root / "csv" / "version_0" / "checkpoints" / "last.ckpt"
+    assert find_recipe(inside) == huge
+    assert find_recipe(tmp_path / "run.ckpt") is None  # not in a checkpoints folder: nothing to go by
+
+
+def test_model_card_names_the_base_model_by_hub_id_only(tmp_path, monkeypatch):
+    """The Hub rejects a card whose base_model is not a repo id: a local folder becomes the id it was downloaded as,
+    or is left out of the metadata with a warning; ``base_model=`` gives the id."""
+    monkeypatch.chdir(tmp_path)
+    module = trained_module()
+    cached = tmp_path / "hf" / "hub" / f"models--{WAN.replace('/', '--')}" / "snapshots" / "0123abcd"
+    cached.mkdir(parents=True)
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "Wan-AI" / "local-copy").mkdir(parents=True)  # reads as owner/name, but is a folder here
+
+    def card_and_config(recorded, **kwargs):
+        folder = write_adapter(lora_checkpoint(module, base_model=recorded), tmp_path / "out", **kwargs)
+        return ModelCard.load(folder / "README.md"), json.loads((folder / ADAPTER_CONFIG).read_text())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # prefalign warns with UserWarning
+        for recorded in (WAN, str(cached)):  # a Hub id; a snapshot in huggingface_hub's cache
+            card, config = card_and_config(recorded)
+            assert card.data.base_model == WAN and config["base_model_name_or_path"] == WAN
+            assert f"Base model: `{WAN}`." in card.text
+        card, config = card_and_config("/data/models/Wan2.1-I2V-14B-480P-Diffusers", base_model=WAN)
+        assert card.data.base_model == WAN and config["base_model_name_or_path"] == WAN  # the given id wins
+
+    for recorded in ("/data/models/Wan2.1-I2V-14B-480P-Diffusers", "./tiny", "tiny", "Wan-AI/local-copy"):
+        with pytest.warns(UserWarning, match=f"base model {recorded} is a local folder.*--base_model owner/name"):
+            card, config = card_and_config(recorded)
+        assert card.data.base_model is None and "base_model" not in card.content.split("---")[1]
+        assert f"Base model: the local folder `{recorded}`" in card.text
+        assert config["base_model_name_or_path"] == recorded  # as peft writes it: where the run found the weights
+    with pytest.raises(ValueError, match="base_model must be a Hub repo id"):
+        card_and_config(WAN, base_model="./tiny")
+    with pytest.raises(ValueError, match="base_model must be a Hub repo id"):
+        PushToHub("alice/live", base_model="/data/models/wan")
+
+
+def test_push_names_the_given_base_model_or_none(hub, tmp_path, capsys):
+    ckpt = tmp_path / "run.ckpt"
+    torch.save(lora_checkpoint(trained_module(), base_model="/data/models/Wan2.1-I2V-14B-480P-Diffusers"), ckpt)
+    with pytest.warns(UserWarning, match="/data/models/Wan2.1-I2V-14B-480P-Diffusers is a local folder.*--base_model"):
+        main(["push", "--ckpt_path", str(ckpt), "--repo_id", "alice/local", "--recipe", str(DEMO)])
+    card = ModelCard(hub.files("alice/local")["README.md"].decode())
+    assert card.data.base_model is None and card.data.library_name == "peft"
+    assert f"recipe: {DEMO}" in capsys.readouterr().out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # prefalign warns with UserWarning
+        main(["push", "--ckpt_path", str(ckpt), "--repo_id", "alice/local", "--recipe", str(DEMO),
+              "--base_model", WAN])  # fmt: skip
+    card = ModelCard(hub.files("alice/local")["README.md"].decode())
+    assert card.data.base_model == WAN
+    assert json.loads(hub.files("alice/local")[ADAPTER_CONFIG])["base_model_name_or_path"] == WAN

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -31,6 +31,20 @@ class Algorithm:
     #: Whether the method needs the clips' pixels (ReFree perturbs frames) rather than their latents: cached
     #: latents (``data.latent_cache``) then cannot feed it.
     needs_pixels: bool = False
+    #: The learning rate the method is tuned at: when set, it replaces ``model.optimizer``'s, so that a recipe's
+    #: algorithm file carries it (see ``recipes/algorithms/``). None: the optimizer's own.
+    lr: Optional[float] = None
+    #: Clip the gradients' global norm to this before every optimizer step (None: no clipping by the algorithm;
+    #: ``trainer.gradient_clip_val``, where set, takes precedence for the methods Lightning steps).
+    max_grad_norm: Optional[float] = None
+
+    def set_optimization(self, lr: Optional[float], max_grad_norm: Optional[float]) -> None:
+        """Store the method's tuned learning rate and gradient clipping (both checked > 0)."""
+        for option, value in (("lr", lr), ("max_grad_norm", max_grad_norm)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{self.name}: {option} must be > 0 (or null), got {value}")
+        self.lr = lr
+        self.max_grad_norm = max_grad_norm
 
     @property
     def name(self) -> str:
@@ -84,3 +98,19 @@ def per_sample_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tens
         return error.flatten(1).mean(dim=1)
     weights = weights.float().expand_as(error)
     return (weights * error).flatten(1).sum(dim=1) / weights.flatten(1).sum(dim=1)
+
+
+def repeat_conditions(batch: dict, times: int) -> dict:
+    """Every per-sample tensor of ``batch`` repeated ``times`` times in place (sample i becomes rows
+    ``i·times ... i·times + times - 1``): a group of samples per condition (GRPO's rollouts, online DPO's pairs)."""
+    size = batch["reference"].shape[0]
+    return {k: (v.repeat_interleave(times, dim=0) if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == size else v)
+            for k, v in batch.items()}
+
+
+def step_generator(seed: int, step: int, rank: int, device="cpu") -> torch.Generator:
+    """A generator seeded by (seed, step, rank): reproducible after a resume, never shared by two ranks or steps."""
+    import numpy as np
+
+    state = np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]
+    return torch.Generator(device=device).manual_seed(int(state))

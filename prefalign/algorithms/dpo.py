@@ -7,7 +7,10 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-from prefalign.algorithms.base import Algorithm, per_sample_mse
+from prefalign.algorithms.base import Algorithm, per_sample_mse, repeat_conditions, step_generator
+from prefalign.data.errors import DataError
+from prefalign.denoisers.base import frames_of
+from prefalign.rewards.base import Reward
 
 LossType = Literal["sigmoid", "hinge", "ipo"]
 
@@ -74,9 +77,18 @@ class DiffusionDPO(Algorithm):
             ``{lip_sync: 1.0, expression: 0.5, motion: 0.5}``); pairs without labels weigh 1.
         reference_refresh_every (int | None): online DPO: make the reference the current policy every k steps
             (under LoRA a snapshot of the adapters, under full fine-tuning the frozen copy).
+        reward (Reward | None): online pairs (Flow-DPO's online variant): for a batch without ``rejected``
+            clips, sample ``group_size`` videos per condition with the current policy, score them with this reward
+            and train on the best (chosen) against the worst (rejected) of each group. Batches with ``rejected``
+            clips train on them. None: the data must have ``rejected``.
+        group_size (int): samples per condition for online pairs (>= 2).
+        sample_steps (int): sampler steps of the online samples (deterministic steps from different noise).
+        guidance_scale (float): classifier-free guidance of the online samples (1 = off).
+        seed (int): seeds the online samples' noise, mixed with the step and the process rank.
+        lr (float | None): the learning rate it is tuned at, in place of the optimizer's (see ``Algorithm.lr``).
+        max_grad_norm (float | None): clip the gradient norm to this before each step.
     """
 
-    required_fields = ("video", "rejected", "audio", "reference")
     needs_reference = True
 
     def __init__(
@@ -86,16 +98,47 @@ class DiffusionDPO(Algorithm):
         sft_weight: float = 0.0,
         aspect_weights: Optional[dict[str, float]] = None,
         reference_refresh_every: Optional[int] = None,
+        reward: Optional[Reward] = None,
+        group_size: int = 4,
+        sample_steps: int = 20,
+        guidance_scale: float = 1.0,
+        seed: int = 0,
+        lr: Optional[float] = None,
+        max_grad_norm: Optional[float] = None,
     ):
         if beta <= 0:
             raise ValueError(f"DiffusionDPO: beta must be > 0, got {beta}")
         if loss_type not in ("sigmoid", "hinge", "ipo"):
             raise ValueError(f"DiffusionDPO: unknown loss_type {loss_type!r}: use sigmoid, hinge or ipo")
+        if group_size < 2:
+            raise ValueError(f"DiffusionDPO: group_size must be >= 2 (a pair is the best and worst of a group), got {group_size}")
+        if sample_steps < 1:
+            raise ValueError(f"DiffusionDPO: sample_steps must be >= 1, got {sample_steps}")
+        self.set_optimization(lr, max_grad_norm)
+        self.reward = reward
+        self.group_size = group_size
+        self.sample_steps = sample_steps
+        self.guidance_scale = guidance_scale
+        self.seed = seed
         self.beta = beta
         self.loss_type = loss_type
         self.sft_weight = sft_weight
         self.aspect_weights = aspect_weights
         self.reference_refresh_every = reference_refresh_every
+
+    @property
+    def required_fields(self) -> tuple[str, ...]:
+        if self.reward is None:
+            return ("video", "rejected", "audio", "reference")
+        return ("audio", "reference")  # pairs are made online where the data has no rejected clips
+
+    def state_dict(self) -> dict:
+        """The reward's running statistics (online pairs' noise is a function of the step)."""
+        return {"reward": self.reward.state_dict()} if hasattr(self.reward, "state_dict") else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "reward" in state and self.reward is not None:
+            self.reward.load_state_dict(state["reward"])
 
     def setup(self, module) -> None:
         if self.reference_refresh_every:
@@ -117,12 +160,48 @@ class DiffusionDPO(Algorithm):
             weights.append(sum(w * float(labels.get(aspect, 0)) for aspect, w in self.aspect_weights.items()) if labels else 1.0)
         return torch.tensor(weights, device=device, dtype=torch.float32)
 
+    def online_pairs(self, module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """Chosen and rejected latents ``[B, C, F, h, w]`` from ``group_size`` policy samples per condition: the
+        best and the worst under the reward. A group with fewer than two usable rewards (a judge's dropped
+        answers) or no spread gives a pair of weight 0 (it still runs through the model, so that every rank's
+        backward covers the same parameters). Returns (chosen, rejected, weight [B], logged)."""
+        from prefalign.module import SamplingSettings
+
+        g, size = self.group_size, batch["reference"].shape[0]
+        expanded = repeat_conditions(batch, g)
+        generator = step_generator(self.seed, module.global_step, module.global_rank, module.device)
+        settings = SamplingSettings(num_steps=self.sample_steps, guidance_scale=self.guidance_scale)
+        latents = module.sample_latents(expanded, frames_of(batch), settings, generator)
+        with torch.no_grad():
+            rewards, _ = self.reward.total(module.denoiser.decode(latents), expanded)
+        rewards = rewards.float().view(size, g).to(latents.device)
+        usable = torch.isfinite(rewards)
+        best = torch.where(usable, rewards, -torch.inf).argmax(dim=1)
+        worst = torch.where(usable, rewards, torch.inf).argmin(dim=1)
+        spread = rewards.gather(1, best[:, None]) - rewards.gather(1, worst[:, None])
+        weight = ((usable.sum(dim=1) >= 2) & (spread[:, 0] > 0)).float()
+        rows = torch.arange(size, device=latents.device) * g
+        logged = {
+            "online_reward_best": rewards.gather(1, best[:, None]).nanmean(),
+            "online_reward_worst": rewards.gather(1, worst[:, None]).nanmean(),
+            "online_pairs_used": weight.mean(),
+            "online_dropped_fraction": 1 - usable.float().mean(),
+        }
+        return latents[rows + best], latents[rows + worst], weight, logged
+
     def loss(self, module, batch):
         denoiser, process = module.denoiser, module.process
-        chosen = denoiser.latents(batch)
-        rejected = denoiser.latents(batch, "rejected")
+        online = {}
+        if "rejected" in batch or "rejected_latents" in batch:
+            chosen = denoiser.latents(batch)
+            rejected = denoiser.latents(batch, "rejected")
+            weight = self.pair_weights(batch, chosen.shape[0], chosen.device)
+        elif self.reward is not None:
+            chosen, rejected, weight, online = self.online_pairs(module, batch)
+        else:
+            raise DataError("DiffusionDPO needs rejected clips, or a `reward` to make pairs from its own samples "
+                            "(model.algorithm.init_args.reward)", field="rejected")
         size = chosen.shape[0]
-        weight = self.pair_weights(batch, size, chosen.device)
         swap = (weight < 0).view(-1, *([1] * (chosen.dim() - 1)))
         win, lose = torch.where(swap, rejected, chosen), torch.where(swap, chosen, rejected)
 
@@ -140,7 +219,7 @@ class DiffusionDPO(Algorithm):
         r_w, r_l = reference_errors.chunk(2)
         per_pair, reward_margin = dpo_loss(e_w, e_l, r_w, r_l, self.beta, self.loss_type)
         magnitude = weight.abs()
-        loss = (magnitude * per_pair).sum() / magnitude.sum().clamp_min(1e-8)
+        loss = (magnitude * per_pair).sum() / magnitude.sum().clamp_min(1.0 if online else 1e-8)
         if self.sft_weight:
             loss = loss + self.sft_weight * e_w.mean()
 
@@ -152,6 +231,7 @@ class DiffusionDPO(Algorithm):
             "error_lose": e_l.detach().mean(),
             "reference_error_win": r_w.mean(),
             "reference_error_lose": r_l.mean(),
+            **online,
         }
         return loss, logged
 

@@ -5,7 +5,8 @@ sampled with the process's stochastic step (the Flow-GRPO SDE on flow matching, 
 keeping every state and the log-prob of every step; the decoded videos are scored by the reward; advantages are
 standardised within each group; then the policy takes ``inner_epochs`` optimizer steps on a random subset of the
 sampler steps, accumulating gradients over those steps, with the PPO-clip loss on the ratio of new to old
-log-probs and an optional KL penalty to the reference policy.
+log-probs and an optional KL penalty to the reference policy. A batch in which no rollout on any rank has a
+usable reward (every one dropped by the judge) still takes its optimizer steps, which change nothing.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
-import numpy as np
 import torch
 
-from prefalign.algorithms.base import Algorithm
+from prefalign.algorithms.base import Algorithm, repeat_conditions, step_generator
 from prefalign.denoisers.base import frames_of, join_chunks
 from prefalign.processes.base import randn
 from prefalign.rewards.base import Reward
@@ -92,6 +92,11 @@ class GRPO(Algorithm):
         motion_frames (int): frames of the previous chunk that start the next.
         seed (int): seeds the rollout noise, mixed with the step and the process rank so that no two ranks or
             steps share noise.
+        max_empty_batches (int | None): stop with an error after this many consecutive batches in which no
+            sample on any rank has a usable reward (a dead judge endpoint, a judge answering garbage under
+            ``on_failure: drop``). Each such batch still counts as its optimizer steps, which change nothing.
+            None: never stop.
+        lr (float | None): the learning rate it is tuned at, in place of the optimizer's (see ``Algorithm.lr``).
     """
 
     required_fields = ("audio", "reference")
@@ -115,6 +120,8 @@ class GRPO(Algorithm):
         chunk_frames: Optional[int] = None,
         motion_frames: int = 5,
         seed: int = 0,
+        max_empty_batches: Optional[int] = 20,
+        lr: Optional[float] = None,
     ):
         if group_size < 2:
             raise ValueError(f"GRPO: group_size must be >= 2 (advantages compare rollouts of a group), got {group_size}")
@@ -122,6 +129,9 @@ class GRPO(Algorithm):
             raise ValueError(f"GRPO: train_fraction must be in (0, 1], got {train_fraction}")
         if inner_epochs < 1:
             raise ValueError(f"GRPO: inner_epochs must be >= 1, got {inner_epochs}")
+        if max_empty_batches is not None and max_empty_batches < 1:
+            raise ValueError(f"GRPO: max_empty_batches must be >= 1 or None, got {max_empty_batches}")
+        self.set_optimization(lr, max_grad_norm)
         self.reward = reward
         self.group_size = group_size
         self.num_steps = num_steps
@@ -134,10 +144,11 @@ class GRPO(Algorithm):
         self.advantage_clip = advantage_clip
         self.global_std = global_std
         self.micro_batch = micro_batch
-        self.max_grad_norm = max_grad_norm
         self.chunk_frames = chunk_frames
         self.motion_frames = motion_frames
         self.seed = seed
+        self.max_empty_batches = max_empty_batches
+        self.empty_batches = 0  # consecutive batches without a usable reward on any rank
         self.needs_reference = kl_beta > 0
         self.last_rollouts: dict = {}
 
@@ -244,18 +255,42 @@ class GRPO(Algorithm):
         return result.clamp(-self.advantage_clip, self.advantage_clip)
 
     def state_dict(self) -> dict:
-        """The reward's running statistics (rollout noise is a function of the step, so it needs no state)."""
-        return {"reward": self.reward.state_dict()} if hasattr(self.reward, "state_dict") else {}
+        """The reward's running statistics and the count of consecutive empty batches (rollout noise is a function
+        of the step, so it needs no state)."""
+        state = {"empty_batches": self.empty_batches}
+        if hasattr(self.reward, "state_dict"):
+            state["reward"] = self.reward.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        self.empty_batches = state.get("empty_batches", 0)
         if "reward" in state:
             self.reward.load_state_dict(state["reward"])
+
+    def empty_batches_error(self) -> RuntimeError:
+        """Why training stops after ``max_empty_batches`` batches without a usable reward, with the counts of the
+        reward's parts that keep them (a judge's ``stats``)."""
+        parts = [self.reward, *(t for t in getattr(self.reward, "terms", ()) if isinstance(t, Reward))]
+        counts = []
+        for part in parts:
+            stats = getattr(part, "stats", None)
+            if isinstance(stats, dict) and stats:
+                policy = f" (on_failure={part.on_failure!r})" if hasattr(part, "on_failure") else ""
+                counts.append(f"{type(part).__name__}{policy}: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
+        return RuntimeError(
+            f"GRPO: {self.empty_batches} consecutive batches had no usable reward (every sample's reward was "
+            f"NaN, i.e. dropped, on every rank), so their optimizer steps changed nothing; stopping at "
+            f"max_empty_batches={self.max_empty_batches}. "
+            + (f"Reward counts so far: {'; '.join(counts)}. " if counts else "")
+            + "Check that the judge endpoint is up and answers (the judge's warnings above give the reason of its "
+            "last failures) and that its answers parse; or set the judge's on_failure to 'neutral' to score an "
+            "unusable answer 3 instead of dropping the sample."
+        )
 
     # --- the update -------------------------------------------------------------------------------------------------
     def generator(self, module: AlignmentModule) -> torch.Generator:
         """Rollout noise seeded by (seed, step, rank): reproducible, and never shared between ranks or steps."""
-        state = np.random.SeedSequence([self.seed, module.global_step, module.global_rank]).generate_state(1)[0]
-        return torch.Generator().manual_seed(int(state))
+        return step_generator(self.seed, module.global_step, module.global_rank)
 
     def training_step(self, module: AlignmentModule, batch: dict) -> dict[str, torch.Tensor]:
         denoiser, process = module.denoiser, module.process
@@ -263,10 +298,7 @@ class GRPO(Algorithm):
         g = self.group_size
         num_conditions = batch["reference"].shape[0]
         num_frames = frames_of(batch)
-        expanded = {
-            k: (v.repeat_interleave(g, dim=0) if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == num_conditions else v)
-            for k, v in batch.items()
-        }
+        expanded = repeat_conditions(batch, g)
         n = num_conditions * g
         group_ids = torch.arange(num_conditions, device=module.device).repeat_interleave(g)
         generator = self.generator(module)
@@ -286,13 +318,31 @@ class GRPO(Algorithm):
         units = [units[i] for i in order.tolist()]
         schedule = process.timesteps(self.num_steps, device=module.device)
 
+        # Whether the batch is empty is decided over all ranks: under DDP every rank must make the same backward
+        # calls (each one all-reduces the gradients), so a rank whose reward failed still runs every backward,
+        # with zero weight on its samples, while any other rank has something to learn from.
+        count = torch.tensor(float(num_valid), device=module.device)
+        if module._trainer is not None:
+            count = module.trainer.strategy.reduce(count, reduce_op="sum")
+        empty = int(count.item()) == 0
+        self.empty_batches = self.empty_batches + 1 if empty else 0
+        if empty and self.max_empty_batches is not None and self.empty_batches >= self.max_empty_batches:
+            raise self.empty_batches_error()
+
         encoder = denoiser.audio_encoder
         encoder_trains = encoder is not None and any(p.requires_grad for p in encoder.parameters())
         stats = {"ratio": [], "clip_fraction": [], "approx_kl": [], "kl": [], "policy_loss": []}
         for _ in range(self.inner_epochs):
+            if empty:
+                # Still the steps of a batch, or max_steps is never reached and the step-keyed rollout noise
+                # repeats. With every .grad None, the optimizer (AdamW) skips every parameter: the weights and its
+                # state stay exactly as they were. The LR scheduler steps as for any step.
+                optimizer.zero_grad(set_to_none=True)
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                continue
             optimizer.zero_grad()
-            if num_valid == 0:
-                break
             for s, j in units:
                 segment = segments[s]
                 cond = segment.cond
@@ -301,8 +351,6 @@ class GRPO(Algorithm):
                 m = segment.free_from
                 for part in self.chunks(n):
                     part_valid = valid[part]
-                    if not part_valid.any():
-                        continue
                     part_cond = self.slice_cond(cond, part, n)
                     x, x_next = segment.states[j][part], segment.states[j + 1][part]
                     mean, std = self.step_distribution(
@@ -319,9 +367,14 @@ class GRPO(Algorithm):
                             )
                         kl = gaussian_kl(mean[:, :, m:], ref_mean[:, :, m:], std)
                         per_sample = per_sample + self.kl_beta * kl
-                        stats["kl"].append(kl[part_valid].detach())
-                    loss = (per_sample * part_valid).sum() / (num_valid * len(units))
+                    # A part without a valid sample still goes through backward (a zero loss): see above.
+                    per_sample = torch.where(part_valid, per_sample, torch.zeros_like(per_sample))
+                    loss = per_sample.sum() / (max(num_valid, 1) * len(units))
                     module.manual_backward(loss)
+                    if not part_valid.any():
+                        continue
+                    if self.kl_beta > 0:
+                        stats["kl"].append(kl[part_valid].detach())
                     ratio = ratio[part_valid].detach()
                     stats["ratio"].append(ratio)
                     stats["clip_fraction"].append(((ratio - 1).abs() > self.clip_range).float())
@@ -350,6 +403,8 @@ class GRPO(Algorithm):
             advantage_std=finite_adv.std(unbiased=False) if num_valid else advantages.new_tensor(0.0),
             advantage_abs_max=finite_adv.abs().max() if num_valid else advantages.new_tensor(0.0),
             dropped_samples=advantages.new_tensor(float(n - num_valid)),
+            dropped_fraction=advantages.new_tensor((n - num_valid) / n),
+            empty_batches=advantages.new_tensor(float(self.empty_batches)),
             trained_steps=advantages.new_tensor(float(len(units))),
         )
         for name, values in stats.items():

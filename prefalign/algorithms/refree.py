@@ -113,6 +113,8 @@ class ReFree(Algorithm):
         mouth_weight (float): weigh the latents around the mouth by ``1 + mouth_weight`` in every error (as
             ``SFT.mouth_weight``; needs pose), so that the flow-matching term is the SFT loss it continues.
         seed (int): seeds the negative draws.
+        lr (float | None): the learning rate it is tuned at, in place of the optimizer's (see ``Algorithm.lr``).
+        max_grad_norm (float | None): clip the gradient norm to this before each step.
     """
 
     needs_reference = True
@@ -128,6 +130,8 @@ class ReFree(Algorithm):
         self_play_steps: int = 10,
         mouth_weight: float = 0.0,
         seed: int = 0,
+        lr: Optional[float] = None,
+        max_grad_norm: Optional[float] = None,
     ):
         negatives = dict(negatives or {"self_play": 0.5, "jitter": 0.125, "freeze": 0.125, "time_warp": 0.125,
                                        "audio_offset": 0.125})
@@ -140,6 +144,7 @@ class ReFree(Algorithm):
             raise ValueError(f"ReFree: beta and fm_weight must be >= 0, got {beta} and {fm_weight}")
         if refresh_every < 1:
             raise ValueError(f"ReFree: refresh_every must be >= 1, got {refresh_every}")
+        self.set_optimization(lr, max_grad_norm)
         self.beta = beta
         self.fm_weight = fm_weight
         self.loss_type = loss_type

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from prefalign import metrics
@@ -20,15 +22,19 @@ class SFT(Algorithm):
         mouth_weight (float): extra loss weight on the latents around the mouth (a lip mask, as the Hallo line of
             work weighs its loss), located from the ``pose`` keypoints; a pixel in the box
             mouth ± (0.6·d, 0.8·d) weighs ``1 + mouth_weight``. 0 disables it; > 0 needs pose in the data.
+        lr (float | None): the learning rate it is tuned at, in place of the optimizer's (see ``Algorithm.lr``).
+        max_grad_norm (float | None): clip the gradient norm to this before each step.
     """
 
-    def __init__(self, cond_dropout: float = 0.0, mouth_weight: float = 0.0):
+    def __init__(self, cond_dropout: float = 0.0, mouth_weight: float = 0.0, lr: Optional[float] = None,
+                 max_grad_norm: Optional[float] = None):
         if not 0.0 <= cond_dropout < 1.0:
             raise ValueError(f"SFT: cond_dropout must be in [0, 1), got {cond_dropout}")
         if mouth_weight < 0:
             raise ValueError(f"SFT: mouth_weight must be >= 0, got {mouth_weight}")
         self.cond_dropout = cond_dropout
         self.mouth_weight = mouth_weight
+        self.set_optimization(lr, max_grad_norm)
 
     @property
     def required_fields(self) -> tuple[str, ...]:

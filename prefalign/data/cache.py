@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import warnings
 from collections import OrderedDict
@@ -18,9 +17,10 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from prefalign.data.errors import DataError
-from prefalign.files import atomic_write
+from prefalign.files import atomic_write, inside
+from prefalign.secrets import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 FORMAT = "prefalign-latent-cache"
 VERSION = 1
@@ -139,7 +139,7 @@ class _ShardWriter:
         if not self.pending_count:
             return
         name = f"shard-{len(self.shards):05d}.safetensors"
-        with atomic_write(self.folder / name) as tmp:
+        with atomic_write(inside(self.folder, name)) as tmp:
             save_file(self.pending, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
         self.shards.append(name)
         self.pending, self.pending_count = {}, 0
@@ -288,7 +288,7 @@ def preprocess(
     for stale in folder.glob("shard-*.safetensors"):
         if stale.name not in writer.shards:
             stale.unlink()
-    with atomic_write(folder / MANIFEST) as tmp:
+    with atomic_write(inside(folder, MANIFEST)) as tmp:
         tmp.write_text(json.dumps(manifest, indent=1))
     return LatentCache(folder)
 
@@ -440,11 +440,16 @@ class LatentCache:
 
     def read(self, index: int) -> dict:
         """Entry ``index`` as a batch item: ``id``, ``latents``, ``audio``, ``reference`` float [3,H,W] in [0, 1],
-        ``num_frames``, and where cached ``rejected_latents``, ``audio_features``, ``pose``, ``labels``."""
+        ``num_frames``, and where cached ``rejected_latents``, ``audio_features``, ``pose``, ``labels``.
+
+        A tensor of another dtype than the cache writes (uint8 references, floating-point others), of another
+        shape than the fingerprint's, or holding NaN or infinity is a ``DataError`` naming the shard and the
+        window (clip id and first frame): a skip under ``on_bad_sample: skip``, not a non-finite loss."""
         entry = self.entries[index]
         handle, keys = self._open(entry["shard"])
         path = self.folder / entry["shard"]
         item: dict = {"id": entry["id"]}
+        window = f"window '{entry['key']}' (clip {entry['id']}, frame {entry['start_frame']})"
         for field in TENSOR_FIELDS:
             key = f"{entry['key']}/{field}"
             if key not in keys:
@@ -453,11 +458,20 @@ class LatentCache:
                 tensor = handle.get_tensor(key)
             except Exception as error:
                 raise DataError(f"cannot read tensor '{key}' ({error})", path=path, field=field) from None
+            if (tensor.dtype == torch.uint8) != (field == "reference") or not (
+                tensor.dtype == torch.uint8 or tensor.is_floating_point()
+            ):
+                wanted = "uint8" if field == "reference" else "floating-point"
+                raise DataError(f"{window}: '{field}' is {str(tensor.dtype).removeprefix('torch.')}, the cache "
+                                f"writes {wanted}", path=path, field=field)
             item[field] = tensor.float() / 255 if field == "reference" else tensor.float()
+            if not torch.isfinite(item[field]).all():  # after the cast, which may overflow a float64
+                raise DataError(f"{window}: '{field}' holds NaN or infinity", path=path, field=field)
         self._check_shapes(item, path, entry["key"])
         if "labels" in entry:
             item["labels"] = entry["labels"]
         item["num_frames"] = self.num_frames
+        item["origin"] = {"shard": str(path)}
         return item
 
     def _check_shapes(self, item: dict, path: Path, key: str) -> None:

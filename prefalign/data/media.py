@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import stat
+import warnings
 import wave
 from fractions import Fraction
 from pathlib import Path
@@ -17,7 +18,7 @@ import soxr
 from PIL import Image
 
 from prefalign.data.errors import DataError
-from prefalign.files import safe_name, temp_path
+from prefalign.files import inside, temp_path, unique_files
 
 SILENCE_PEAK = 1e-4
 """A track whose peak amplitude is below this is treated as silent (no speech to align to)."""
@@ -30,6 +31,31 @@ MIN_SAMPLE_RATE = 8000
 
 VIDEO_CRF = 10
 """x264 constant rate factor: low enough that decoded frames are within a few grey levels of the originals."""
+
+MAX_FRAME_PIXELS = 2048 * 2048
+"""Pixels per video frame or image above which a file is refused before anything is decoded (``data.max_frame_pixels``
+sets it for the data module): 1080p either way up (1920x1080, 2.1 MP) and squares up to 2048 fit, 4K UHD (8.3 MP) does
+not. A frame of this size decodes to 12.6 MB."""
+
+MAX_FRAMES = 4500
+"""Frames per video above which a file is refused (``data.max_frames`` sets it for the data module): 3 minutes at
+25 fps. Judged from the container's frame count before decoding, and by counting frames as they decode where the
+header lies or says nothing. One clip decodes to at most ``MAX_FRAMES x MAX_FRAME_PIXELS x 3`` bytes: cut longer
+sources into clips."""
+
+MAX_AUDIO_SECONDS = 600.0
+"""Audio longer than this is refused (from its header where it says, else by counting samples as they decode): a
+clip's track is seconds to minutes long; hours of audio in a small file are a mistake or a bomb."""
+
+VFR_TOLERANCE = 0.5
+"""How far, in frame periods, a frame's timestamp may be from the constant-rate grid ``t0 + i / fps`` before the
+video counts as variable-frame-rate (its frames would be paired with the wrong audio)."""
+
+CFR_HINT = (
+    "re-encode it at the data's constant frame rate (data.fps), e.g. "
+    "ffmpeg -i in.mp4 -r 25 -fps_mode cfr out.mp4 (older ffmpeg: -vsync cfr)"
+)
+"""What to do about a variable or wrong frame rate: resampling frames by their timestamps is not done here."""
 
 
 def check_file(path: str | Path, field: str) -> None:
@@ -64,18 +90,27 @@ def _first_stream(container: av.container.InputContainer, kind: str, path: str |
     return streams[0]
 
 
-def read_video(path: str | Path, field: str = "video") -> tuple[np.ndarray, float]:
-    """Decode every frame of the first video stream.
+def read_video(
+    path: str | Path,
+    field: str = "video",
+    max_frames: int = MAX_FRAMES,
+    max_frame_pixels: int = MAX_FRAME_PIXELS,
+) -> tuple[np.ndarray, float]:
+    """Decode every frame of the first video stream, at a constant frame rate.
 
     Args:
         path (str | Path): a video file (mp4 or anything FFmpeg reads).
         field (str): the manifest field named in errors.
+        max_frames (int): more frames than this is an error (``MAX_FRAMES``).
+        max_frame_pixels (int): frames of more pixels than this are an error (``MAX_FRAME_PIXELS``).
 
     Returns:
         tuple[np.ndarray, float]: uint8 frames ``[T, H, W, 3]`` (RGB) and the frame rate.
 
     Raises:
-        DataError: missing, corrupt or truncated file, no video stream, no frames, or frames of several sizes.
+        DataError: missing, corrupt or truncated file, no video stream, no frames, frames of several sizes, frames
+            or a frame count over the limits (from the header, before decoding; or counted while decoding), or a
+            variable frame rate (timestamps off the ``1 / rate`` grid by more than ``VFR_TOLERANCE`` frames).
     """
     # Errors name the path as given (Path() would also turn a URL's "//" into "/").
     with _open_input(path, field) as container:
@@ -84,10 +119,21 @@ def read_video(path: str | Path, field: str = "video") -> tuple[np.ndarray, floa
         if not rate or rate <= 0:
             raise DataError("video stream has no frame rate", path=path, field=field)
         expected = stream.frames  # from the container index; 0 when unknown
-        frames = []
+        # The header's size and count, before a frame is decoded: a tiny file may hold 4K frames or 100k of them.
+        _check_frame_size(stream.codec_context.width, stream.codec_context.height, max_frame_pixels, path, field)
+        if expected > max_frames:
+            raise DataError(_too_many_frames(f"{expected} frames (its header says)", max_frames), path=path,
+                            field=field)
+        frames, times = [], []
         try:
             for frame in container.decode(stream):
+                # Where the header lied: each frame's size before its pixels are converted, and the count so far.
+                _check_frame_size(frame.width, frame.height, max_frame_pixels, path, field)
+                if len(frames) == max_frames:
+                    raise DataError(_too_many_frames(f"more than {max_frames} frames", max_frames), path=path,
+                                    field=field)
                 frames.append(frame.to_ndarray(format="rgb24"))
+                times.append(None if frame.pts is None or frame.time_base is None else frame.pts * frame.time_base)
         except av.FFmpegError as error:
             raise DataError(f"cannot decode video: {error}", path=path, field=field) from error
     if not frames:
@@ -98,7 +144,42 @@ def read_video(path: str | Path, field: str = "video") -> tuple[np.ndarray, floa
         raise DataError(f"video is truncated: decoded {len(frames)} of {expected} frames", path=path, field=field)
     if len({frame.shape for frame in frames}) > 1:
         raise DataError("the frame size changes within the video", path=path, field=field)
+    _check_constant_rate(times, rate, path, field)
     return np.stack(frames), float(rate)
+
+
+def _check_frame_size(width: int, height: int, max_frame_pixels: int, path, field: str) -> None:
+    if width * height > max_frame_pixels:
+        raise DataError(
+            f"frames are {width}x{height} ({width * height} pixels), above the limit of {max_frame_pixels} "
+            "(data.max_frame_pixels, default media.MAX_FRAME_PIXELS): downscale the video",
+            path=path,
+            field=field,
+        )
+
+
+def _too_many_frames(found: str, max_frames: int) -> str:
+    return (f"the video has {found}, above the limit of {max_frames} (data.max_frames, default media.MAX_FRAMES): "
+            "cut it into shorter clips")
+
+
+def _check_constant_rate(times: list, rate: Fraction, path, field: str) -> None:
+    """Refuse a video whose frame ``i`` is not at ``t0 + i / rate``: frames are paired with audio by index, so a
+    variable frame rate (or a stated rate its timestamps do not follow) would pair them with the wrong audio."""
+    if len(times) < 2 or any(time is None for time in times):
+        return  # no timestamps to judge by (a raw stream): the stated rate is all there is
+    start, period = times[0], 1 / Fraction(rate)
+    worst = max(range(len(times)), key=lambda i: abs(times[i] - start - i * period))
+    drift = abs(times[worst] - start - worst * period) / period
+    if drift > VFR_TOLERANCE:
+        span = float(times[-1] - start + period)
+        raise DataError(
+            f"variable frame rate: frame {worst} is at {float(times[worst] - start):.3f} s, a constant "
+            f"{float(rate):g} fps puts it at {float(worst * period):.3f} s (the {len(times)} frames span {span:.3f} s, "
+            f"not {float(len(times) * period):.3f} s); {CFR_HINT}",
+            path=path,
+            field=field,
+        )
 
 
 def read_audio(
@@ -120,7 +201,8 @@ def read_audio(
 
     Raises:
         DataError: missing or corrupt file, no audio stream, a rate below 8 kHz, a rate mismatch with
-            ``resample=False``, a silent track, or samples that are NaN, infinite or above ``MAX_PEAK``.
+            ``resample=False``, a silent track, samples that are NaN, infinite or above ``MAX_PEAK``, or a track
+            longer than ``MAX_AUDIO_SECONDS`` (from its header, before decoding; or counted while decoding).
     """
     with _open_input(path, field) as container:
         stream = _first_stream(container, "audio", path, field)
@@ -140,16 +222,24 @@ def read_audio(
         expected = None
         if stream.duration is not None and stream.time_base is not None:
             expected = float(stream.duration * stream.time_base) * file_rate
+        limit = int(MAX_AUDIO_SECONDS * file_rate)
+        if expected is not None and expected > limit:
+            raise DataError(_too_long(f"{expected / file_rate:.0f} s (its header says)"), path=path, field=field)
         # Only converts the sample format (int16, planar float, ...) to packed float; rate and layout are kept.
         # Packed, not planar: PyAV 18 crashes the process on a planar frame of more than 8 channels.
         converter = av.AudioResampler(format="flt")
-        chunks = []
+        chunks, count = [], 0
         try:
             for frame in container.decode(stream):
+                count += frame.samples  # where the header lied or said nothing: counted before converting
+                if count > limit:
+                    raise DataError(_too_long(f"more than {MAX_AUDIO_SECONDS:g} s"), path=path, field=field)
                 for converted in converter.resample(frame):
                     chunks.append(_mono(converted))
             for converted in converter.resample(None):
                 chunks.append(_mono(converted))
+        except DataError:
+            raise
         except (av.FFmpegError, ValueError) as error:  # ValueError: the format or layout changes mid-stream
             raise DataError(f"cannot decode audio: {error}", path=path, field=field) from error
     audio = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros(0, np.float32)
@@ -170,6 +260,11 @@ def read_audio(
     if file_rate != sample_rate:
         audio = _soxr(audio, file_rate, sample_rate)
     return audio
+
+
+def _too_long(found: str) -> str:
+    return (f"audio lasts {found}, above the limit of {MAX_AUDIO_SECONDS:g} s (media.MAX_AUDIO_SECONDS): "
+            "cut it into clips")
 
 
 def _mono(frame: av.AudioFrame) -> np.ndarray:
@@ -283,8 +378,11 @@ def write_video(
         tmp.unlink(missing_ok=True)
 
 
-def write_clips(folder: str | Path, video, ids: list[str], fps: float, audio=None, sample_rate: int = 16000) -> None:
-    """Write a batch of videos as ``{folder}/{id}.mp4`` (ids made safe as file names), each with its audio track.
+def write_clips(folder: str | Path, video, ids: list[str], fps: float, audio=None,
+                sample_rate: int = 16000) -> list[Path]:
+    """Write a batch of videos as ``{folder}/{id}.mp4``, each with its audio track. Ids become file names through
+    :func:`prefalign.files.safe_name` (one file per id, always inside ``folder``); ids repeated in the batch are
+    refused.
 
     Args:
         folder (str | Path): created if missing.
@@ -293,14 +391,20 @@ def write_clips(folder: str | Path, video, ids: list[str], fps: float, audio=Non
         fps (float): frames per second.
         audio (torch.Tensor | None): ``[B, S]`` at ``sample_rate``, cut to the frames' duration.
         sample_rate (int): the audio's rate.
+
+    Returns:
+        list[Path]: the file each video went to, in the order of ``ids``.
     """
     folder = Path(folder)
+    names = unique_files([str(clip_id) for clip_id in ids], what="clips")
     folder.mkdir(parents=True, exist_ok=True)
+    paths = [inside(folder, f"{name}.mp4") for name in names]
     frames = (video.permute(0, 1, 3, 4, 2).float().cpu() * 255).round().byte().numpy()
     samples = round(frames.shape[1] * sample_rate / fps)
-    for index, clip_id in enumerate(ids):
+    for index, path in enumerate(paths):
         track = None if audio is None else audio[index, :samples].float().cpu().numpy()
-        write_video(folder / f"{safe_name(clip_id)}.mp4", frames[index], fps, audio=track, sample_rate=sample_rate)
+        write_video(path, frames[index], fps, audio=track, sample_rate=sample_rate)
+    return paths
 
 
 def _audio_frame(samples: np.ndarray, start: int, sample_rate: int) -> av.AudioFrame:
@@ -337,20 +441,65 @@ def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def read_image(path: str | Path, field: str = "reference") -> np.ndarray:
-    """Read an image as uint8 ``[H, W, 3]`` RGB (alpha dropped, greyscale expanded).
+def read_image(path: str | Path, field: str = "reference", max_pixels: int = MAX_FRAME_PIXELS) -> np.ndarray:
+    """Read an image as uint8 ``[H, W, 3]`` RGB (alpha dropped, greyscale expanded, 16-bit scaled to 8).
+
+    Args:
+        path (str | Path): an image file (png, jpeg, webp, gif, tiff, ...: what PIL reads).
+        field (str): the manifest field named in errors.
+        max_pixels (int): an image of more pixels than this is an error, judged from its header before decoding
+            (``MAX_FRAME_PIXELS``).
 
     Raises:
-        DataError: missing file, or not an image PIL can decode.
+        DataError: missing file, not an image PIL can decode, more than ``max_pixels`` pixels (a decompression bomb:
+            a small file that decodes to gigabytes), or 32-bit integer or floating-point pixels that are not 8-bit
+            levels (fractions in [0, 1], values outside [0, 255]).
     """
     check_file(path, field)
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
-    # Any error: besides OSError, PIL's decoders raise what their parsing hits on a damaged file (TypeError from a
-    # TIFF tag, SyntaxError, DecompressionBombError, ...).
-    except Exception as error:
+        with warnings.catch_warnings():
+            # PIL warns from 89 MP and raises from 179 MP; our own, lower limit is checked just below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise DataError(f"image is too large to decode ({error})", path=path, field=field) from None
+    except Exception as error:  # see below
         raise DataError(f"cannot read image ({type(error).__name__}: {error})", path=path, field=field) from error
+    with image:
+        # PIL opens lazily: the size comes from the header, and nothing is decoded until convert() below.
+        width, height = image.size
+        if width * height > max_pixels:
+            raise DataError(
+                f"image is {width}x{height} ({width * height} pixels), above the limit of {max_pixels} "
+                "(data.max_frame_pixels, default media.MAX_FRAME_PIXELS)",
+                path=path,
+                field=field,
+            )
+        try:
+            if image.mode in ("I", "F"):  # 32-bit: read as 8-bit levels, as convert() would, where that is exact
+                return _levels(np.asarray(image), image.mode, path, field)
+            if image.mode.startswith("I;16"):  # 16-bit greyscale: convert() would clip it to 255, not scale it
+                grey = np.round(np.asarray(image, dtype=np.float32) / 257.0).astype(np.uint8)
+                return np.repeat(grey[:, :, None], 3, axis=2)
+            return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+        except DataError:
+            raise
+        # Any error: besides OSError, PIL's decoders raise what their parsing hits on a damaged file (TypeError from
+        # a TIFF tag, SyntaxError, ...).
+        except Exception as error:
+            raise DataError(f"cannot read image ({type(error).__name__}: {error})", path=path, field=field) from error
+
+
+def _levels(values: np.ndarray, mode: str, path, field: str) -> np.ndarray:
+    """A 32-bit greyscale image (PIL mode ``I`` or ``F``) as uint8 RGB, where its values are 8-bit levels; values
+    outside [0, 255] (which convert() would clip) or fractions in [0, 1] (which it would turn black) are refused."""
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    fractions = mode == "F" and high <= 1 and not np.array_equal(values, np.round(values))
+    if not (np.isfinite(low) and np.isfinite(high)) or low < 0 or high > 255 or fractions:
+        kind = "integer" if mode == "I" else "floating-point"
+        raise DataError(f"32-bit {kind} pixels over [{low:g}, {high:g}], not 8-bit levels in [0, 255]: save the image "
+                        "as 8-bit RGB", path=path, field=field)
+    return np.repeat(np.round(values).astype(np.uint8)[:, :, None], 3, axis=2)
 
 
 def write_image(path: str | Path, image: np.ndarray) -> None:

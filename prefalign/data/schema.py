@@ -38,10 +38,17 @@ class Manifest:
             return value
         return str(self.root / path)
 
-    def fields(self) -> set[str]:
-        """The batch fields this manifest can provide, counting those derived from the video."""
-        # Only columns every row fills: one given in some rows only would fail mid-epoch, when a batch mixes them.
-        fields = {c for c in self.columns if all(row.get(c) is not None for row in self.rows)}
+    def fields(self, partial: bool = False) -> set[str]:
+        """The batch fields this manifest can provide, counting those derived from the video.
+
+        Args:
+            partial (bool): also count the columns only some rows fill (for a data module that skips, and counts,
+                the rows without them); else only those every row fills.
+        """
+        # Only columns every row fills by default: the rows without one would be bad samples.
+        columns = {c for row in self.rows for c in row} if partial else self.columns
+        fill = any if partial else all
+        fields = {c for c in columns if fill(row.get(c) is not None for row in self.rows)}
         if "video" in fields:
             fields |= {"audio", "reference"}
         return fields

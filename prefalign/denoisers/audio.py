@@ -119,13 +119,15 @@ class AudioCrossAttention(nn.Module):
         → the residual to add, ``[B, F, S, dim]``."""
         b, f, s, d = hidden.shape
         h = self.heads
-        x = self.norm(hidden.float()).type_as(hidden).reshape(b * f, s, d)
-        a = audio.reshape(b * f, audio.shape[2], audio.shape[3]).type_as(hidden)
+        # In this module's dtype (float32 when trained over a bf16 base; autocast, where on, still computes in bf16).
+        dtype = self.to_q.weight.dtype
+        x = self.norm(hidden.float()).to(dtype).reshape(b * f, s, d)
+        a = audio.reshape(b * f, audio.shape[2], audio.shape[3]).to(dtype)
         q = self.to_q(x).unflatten(-1, (h, d // h)).transpose(1, 2)
         k = self.to_k(a).unflatten(-1, (h, d // h)).transpose(1, 2)
         v = self.to_v(a).unflatten(-1, (h, d // h)).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-        return self.to_out(out).reshape(b, f, s, d)
+        return self.to_out(out).reshape(b, f, s, d).to(hidden.dtype)
 
 
 class AudioConditioning(nn.Module):
@@ -179,7 +181,7 @@ class AudioConditioning(nn.Module):
         """``[B, T, L, D]`` per video frame → ``[B, F, K, L, token_dim]`` per latent frame, ``K = r·window (+1)``."""
         b, t, levels, _ = features.shape
         r, w = self.temporal_ratio, self.window
-        x = self.proj(features)  # [B, T, L, dim]; linear in the level mix, so project each level once
+        x = self.proj(features.to(self.position.dtype))  # [B, T, L, dim]; linear in the level mix, so project each level once
         offsets = torch.arange(w, device=x.device) - w // 2
         index = (torch.arange(t, device=x.device)[:, None] + offsets).clamp(0, t - 1)  # [T, w]
         local = x[:, index]  # [B, T, w, L, dim]

@@ -218,7 +218,7 @@ class PortraitDenoiser(nn.Module):
         """Predict the process's target for ``noisy_latents [B, C, F, h, w]`` at model time ``t [B]``."""
         tokens = motion = None
         if self.audio_conditioning is not None and "audio" in cond:
-            tokens = self.audio_conditioning.tokens(cond["audio"].to(noisy_latents.dtype))
+            tokens = self.audio_conditioning.tokens(cond["audio"])
         if self.motion is not None and "pose" in cond:
             s = self.codec.spatial_ratio
             motion = self.motion(cond["pose"], noisy_latents.shape[-2] * s, noisy_latents.shape[-1] * s)

@@ -151,20 +151,28 @@ class CompositeReward(Reward):
         """Terms that are validity masks, not rewards (a judge's ``judge_valid``): 0 marks a dropped sample."""
         return tuple(name for child in self.terms for name in getattr(child, "mask_terms", ()))
 
+    @property
+    def drop_terms(self) -> tuple[str, ...]:
+        """The mask terms whose 0 drops a sample: a child's ``drop_terms`` (a judge's ``judge_valid`` under
+        ``on_failure: drop`` only; under ``neutral`` its failures are kept, scored 3), else all its mask terms."""
+        return tuple(
+            name for child in self.terms for name in getattr(child, "drop_terms", getattr(child, "mask_terms", ()))
+        )
+
     def reward_terms(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: value for name, value in terms.items() if name not in self.mask_terms}
 
     def valid(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[B]`` bool: the samples no mask term drops."""
+        """``[B]`` bool: the samples no drop term (:attr:`drop_terms`) drops."""
         first = next(iter(terms.values()))
         keep = torch.ones(first.shape[0], dtype=torch.bool, device=first.device)
-        for name in self.mask_terms:
+        for name in self.drop_terms:
             if name in terms:
                 keep &= terms[name] > 0.5
         return keep
 
     def total(self, videos: torch.Tensor, cond: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``Σ_t w_t · n(r_t)`` ``[B]`` and the raw terms. A sample a mask term drops (a judge that never gave a
+        """``Σ_t w_t · n(r_t)`` ``[B]`` and the raw terms. A sample a drop term drops (a judge that never gave a
         usable answer, under ``on_failure: drop``) gets NaN, which GRPO leaves out of its group; every other
         sample's terms must be finite."""
         terms = self.score(videos, cond)

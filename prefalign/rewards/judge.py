@@ -15,6 +15,8 @@ Both share the prompt, the parser and the failure policy:
   plus a ``{prefix stripped of '/' and '_'}_valid`` term (``judge_valid``): 1.0 where the judge answered, 0.0 where
   the policy scored the video. It is a mask, not a reward: ``total()`` leaves it out, and a consumer that sums
   terms itself must too. NaN aspects mean "dropped"; with ``on_failure="neutral"`` no NaN is ever returned.
+  ``drop_terms`` names the masks whose 0 drops a sample (``judge_valid`` under ``"drop"`` only): a
+  ``CompositeReward`` keeps a video scored neutral, with 3 for every aspect.
 - ``stats`` counts ``requests`` (judge calls made), ``retries`` (calls repeated after an unusable answer) and
   ``failures`` (videos scored by the policy), cumulatively, for the trainer to log; ``reset_stats()`` zeroes them.
 """
@@ -23,15 +25,17 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import functools
 import http.client
 import io
 import json
-import logging
 import math
 import os
+import re
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from typing import Literal
@@ -40,11 +44,16 @@ import numpy as np
 import torch
 
 from prefalign.rewards.base import Reward
+from prefalign.secrets import get_logger, redact, watch_env
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 ASPECTS = ("lip_sync", "expressiveness", "motion_quality")
 LOW, HIGH = 1, 5
+TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")
+#: The default cap on a judge endpoint's answer: a chat-completions answer of a few scores is about 1 KiB (with
+#: ``max_tokens`` 64); 1 MiB leaves room for logprobs and verbose servers, and bounds a server that never stops.
+MAX_ANSWER_BYTES = 1 << 20
 
 DEFAULT_PROMPT = (
     "These images are {num_frames} frames sampled in order from a generated talking-head video. Rate the video on "
@@ -90,7 +99,10 @@ def _first_json_object(text: str) -> dict | None:
     while start != -1:
         try:
             obj, _ = decoder.raw_decode(text, start)
-        except (ValueError, RecursionError):
+        except RecursionError:
+            # Nested deeper than Python's recursion limit: so is every "{" inside, no need to try each (quadratic).
+            return None
+        except ValueError:
             obj = None
         if isinstance(obj, dict):
             return obj
@@ -101,16 +113,27 @@ def _first_json_object(text: str) -> dict | None:
 def _number(value: object) -> float | None:
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, (int, float)):
+            number = float(value)
+        elif isinstance(value, str):
             number = float(value.strip())
-        except ValueError:
+        else:
             return None
-    else:
+    except (ValueError, OverflowError):  # not a number, or an integer too big for a float (10**400)
         return None
     return number if math.isfinite(number) else None
+
+
+def _check_int(name: str, value: object, low: int, allowed: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be {allowed}; got {value!r}")
+
+
+def _check_number(name: str, value: object, allowed: str, low: float = 0.0, strict: bool = False) -> None:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or value < low or (strict and value == low):
+        raise ValueError(f"{name} must be {allowed}; got {value!r}")
 
 
 def sample_frames(videos: torch.Tensor, num_frames: int) -> np.ndarray:
@@ -148,12 +171,15 @@ class _Judge(Reward):
     ):
         if on_failure not in ("neutral", "drop"):
             raise ValueError(f"on_failure must be 'neutral' or 'drop'; got {on_failure!r}")
-        if num_frames < 1:
-            raise ValueError(f"num_frames must be at least 1; got {num_frames}")
-        if max_retries < 0:
-            raise ValueError(f"max_retries must be at least 0; got {max_retries}")
-        if not aspects:
-            raise ValueError("a judge needs at least one aspect")
+        _check_int("num_frames", num_frames, 1, "an integer of at least 1")
+        _check_int("max_retries", max_retries, 0, "an integer of at least 0")
+        _check_number("retry_temperature", retry_temperature, "a finite number of at least 0")
+        if isinstance(aspects, str) or not aspects:
+            raise ValueError(f"aspects must be a non-empty list of names; got {aspects!r}")
+        if not all(isinstance(aspect, str) and aspect for aspect in aspects) or len(set(aspects)) != len(aspects):
+            raise ValueError(f"aspects must be distinct non-empty names; got {list(aspects)!r}")
+        if not isinstance(prefix, str):
+            raise ValueError(f"prefix must be a string, e.g. 'judge/'; got {prefix!r}")
         if prompt is None and tuple(aspects) != ASPECTS:
             raise ValueError(
                 f"the default prompt asks for {list(ASPECTS)}; give a `prompt` for aspects {list(aspects)}"
@@ -178,6 +204,12 @@ class _Judge(Reward):
     def mask_terms(self) -> list[str]:
         """The names of the terms that are masks, not rewards (``judge_valid``): never to be weighted or summed."""
         return [self.valid_term]
+
+    @property
+    def drop_terms(self) -> list[str]:
+        """The mask terms whose 0 drops a sample: ``judge_valid`` under ``on_failure="drop"``, none under
+        ``"neutral"`` (a video scored neutral is kept, with 3 for every aspect)."""
+        return [self.valid_term] if self.on_failure == "drop" else []
 
     def reset_stats(self) -> None:
         with self._lock:
@@ -318,6 +350,11 @@ class MLLMJudge(_Judge):
         prefix: str = "judge/",
     ):
         super().__init__(aspects, prompt, num_frames, max_retries, retry_temperature, on_failure, prefix)
+        _check_int("max_new_tokens", max_new_tokens, 1, "an integer of at least 1")
+        if batch_size is not None:
+            _check_int("batch_size", batch_size, 1, "None (all videos of a call at once) or an integer of at least 1")
+        if torch_dtype not in TORCH_DTYPES:
+            raise ValueError(f"torch_dtype must be one of {list(TORCH_DTYPES)}; got {torch_dtype!r}")
         import transformers
         from packaging.version import Version
 
@@ -420,7 +457,7 @@ class MLLMJudge(_Judge):
                     results[row] = parse_scores(answer, self.aspects)
                     if results[row] is None:
                         still.append(row)
-                        last[row] = f"unusable answer {answer[:120]!r}"
+                        last[row] = f"unusable answer {redact(answer[:4096])[:120]!r}"
             pending = still
         self._count(failures=len(pending))
         return results, [last[row] for row in pending]
@@ -440,20 +477,35 @@ class OpenAIJudge(_Judge):
     ``Retry-After`` when it says more); another 4xx is not retried. A request given up on fails its video (scored
     per ``on_failure``) without answer retries on top. ``stats`` adds ``http_retries`` and ``http_errors``.
 
+    A hostile or broken endpoint costs a failed request with its reason, never a hang, a crash or the key:
+
+    - ``timeout`` bounds each whole request (connecting, sending, the answer's headers and body together), so a
+      server that drips its answer byte by byte times out as one that says nothing (and is re-sent as a timeout);
+    - an answer over ``max_answer_bytes`` (by its Content-Length, or counted while reading) fails its request
+      unread beyond the cap, without re-sends;
+    - redirects are never followed (same origin or not): urllib would re-send the ``Authorization`` header to
+      wherever a 3xx points, and a chat-completions POST redirected becomes a GET anyway. A 3xx fails its request,
+      without re-sends, with the reason naming where it pointed: set ``base_url`` to the address that answers;
+    - an answer that is no chat-completions JSON, or whose content is unusable (null parts, nesting too deep,
+      scores out of range or not numbers), is an unusable answer, asked again up to ``max_retries`` times.
+
     The API key is read from the environment variable ``api_key_env`` at each request (sent as
-    ``Authorization: Bearer ...``, none when the variable is unset); it is never stored, logged or shown.
+    ``Authorization: Bearer ...``, none when the variable is unset) and sent to ``base_url``'s server only; it is
+    never stored, logged or shown (failure reasons and logs are redacted with ``prefalign.secrets.redact``).
 
     Args:
         model (str): the served model's name.
-        base_url (str): the API root, e.g. ``http://localhost:8000/v1``.
-        api_key_env (str): name of the environment variable holding the API key.
-        timeout (float): seconds a request may wait on the connection or on each read of the answer.
+        base_url (str): the API root, an ``http://`` or ``https://`` URL, e.g. ``http://localhost:8000/v1``.
+        api_key_env (str): name of the environment variable holding the API key (the name, not the key).
+        timeout (float): seconds a whole request may take, from connecting to the answer's last byte.
         http_retries (int): times a request is re-sent after a timeout, connection error, 429 or 5xx.
         backoff (float): seconds before the first re-send, doubled at each.
         max_backoff (float): longest wait between re-sends.
         max_concurrency (int): requests in flight at once.
         max_tokens (int): longest answer.
-        extra_body (dict | None): more fields of the request, e.g. ``{"response_format": {"type": "json_object"}}``.
+        extra_body (dict | None): more fields of the request, e.g. ``{"response_format": {"type": "json_object"}}``
+            (not ``model``, ``messages``, ``temperature`` or ``max_tokens``: the options above set them).
+        max_answer_bytes (int): the largest answer read, in bytes (see ``MAX_ANSWER_BYTES``).
         aspects, prompt, num_frames, max_retries, retry_temperature, on_failure, prefix: as in ``MLLMJudge``.
     """
 
@@ -469,6 +521,7 @@ class OpenAIJudge(_Judge):
         max_concurrency: int = 8,
         max_tokens: int = 64,
         extra_body: dict | None = None,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
         aspects: Sequence[str] = ASPECTS,
         prompt: str | None = None,
         num_frames: int = 8,
@@ -478,8 +531,30 @@ class OpenAIJudge(_Judge):
         prefix: str = "judge/",
     ):
         super().__init__(aspects, prompt, num_frames, max_retries, retry_temperature, on_failure, prefix)
-        if max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be at least 1; got {max_concurrency}")
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"model must be the served model's name; got {model!r}")
+        url = urllib.parse.urlsplit(base_url) if isinstance(base_url, str) else None
+        if url is None or url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"base_url must be an http:// or https:// URL with a host, e.g. "
+                             f"http://localhost:8000/v1; got {redact(base_url)!r}")  # fmt: skip
+        if not isinstance(api_key_env, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env):
+            # Never echoed: a user who wrote the key itself here would see it in the error.
+            raise ValueError("api_key_env must be the name of an environment variable (letters, digits and _, e.g. "
+                             "OPENAI_API_KEY), not the key itself")  # fmt: skip
+        _check_number("timeout", timeout, "a positive finite number of seconds", strict=True)
+        _check_int("http_retries", http_retries, 0, "an integer of at least 0")
+        _check_number("backoff", backoff, "a finite number of seconds of at least 0")
+        _check_number("max_backoff", max_backoff, "a finite number of seconds of at least 0")
+        _check_int("max_concurrency", max_concurrency, 1, "an integer of at least 1")
+        _check_int("max_tokens", max_tokens, 1, "an integer of at least 1")
+        _check_int("max_answer_bytes", max_answer_bytes, 1, "an integer number of bytes of at least 1")
+        if extra_body is not None and not isinstance(extra_body, dict):
+            raise ValueError(f"extra_body must be a dict of request fields or None; got {type(extra_body).__name__}")
+        reserved = sorted({"model", "messages", "temperature", "max_tokens"} & set(extra_body or {}))
+        if reserved:
+            raise ValueError(f"extra_body may not set {reserved}: the judge's options model, prompt, "
+                             "retry_temperature and max_tokens set them")  # fmt: skip
+        watch_env(api_key_env)
         self.model = model
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.api_key_env = api_key_env
@@ -490,15 +565,20 @@ class OpenAIJudge(_Judge):
         self.max_concurrency = max_concurrency
         self.max_tokens = max_tokens
         self.extra_body = dict(extra_body or {})
+        self.max_answer_bytes = max_answer_bytes
         self.stats.update(http_retries=0, http_errors=0)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(model={self.model!r}, url={self.url!r}, api_key_env={self.api_key_env!r}, "
                 f"max_concurrency={self.max_concurrency}, on_failure={self.on_failure!r})")
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        watch_env(self.api_key_env)  # in the process it was sent to (spawned DDP workers)
+
     def _redact(self, text: str) -> str:
-        key = os.environ.get(self.api_key_env)
-        return text.replace(key, "***") if key else text
+        """A reason without the key, on one line (a server's text may hold line breaks to forge log lines)."""
+        return re.sub(r"[\x00-\x1f\x7f]+", " ", redact(text, extra=(os.environ.get(self.api_key_env),)))
 
     def _body(self, images: list[str], temperature: float) -> bytes:
         content = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}} for image in images]
@@ -522,11 +602,20 @@ class OpenAIJudge(_Judge):
             request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
             self._count(requests=1)
             wait = None
+            deadline = time.monotonic() + self.timeout
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    payload = response.read()
+                with _opener(deadline, self.timeout).open(request, timeout=self.timeout) as response:
+                    payload = self._read(response)
             except urllib.error.HTTPError as err:
-                reason = f"HTTP {err.code} {self._redact(_error_body(err))!r}"
+                if 300 <= err.code < 400:
+                    location = err.headers.get("Location") if err.headers is not None else None
+                    err.close()
+                    where = f" to {location!r}" if location else ""
+                    raise _RequestFailed(self._redact(
+                        f"HTTP {err.code}: a redirect{where}, not followed (the judge follows no redirect, so "
+                        "that its API key goes to base_url's server only): set base_url to the address that answers"
+                    )) from None  # fmt: skip
+                reason = f"HTTP {err.code} {self._redact(_error_body(err))[:300]!r}"
                 if err.code != 429 and err.code < 500:
                     raise _RequestFailed(reason) from None
                 if err.code == 429:
@@ -541,6 +630,23 @@ class OpenAIJudge(_Judge):
             delay = min(self.max_backoff, self.backoff * 2**attempt)
             time.sleep(min(self.max_backoff, max(delay, wait or 0.0)))
         raise AssertionError("unreachable")
+
+    def _read(self, response) -> bytes:
+        """The answer's body, up to ``max_answer_bytes``; raises ``_RequestFailed`` for a bigger one."""
+        cap = self.max_answer_bytes
+        length = response.headers.get("Content-Length", "").strip()
+        if length.isdigit() and int(length) > cap:
+            raise _RequestFailed(f"the answer is {int(length)} bytes (Content-Length), over max_answer_bytes={cap}")
+        chunks, size = [], 0
+        while chunk := response.read(min(1 << 16, cap + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > cap:
+                raise _RequestFailed(f"the answer is over max_answer_bytes={cap} bytes (not read further)")
+        payload = b"".join(chunks)
+        if getattr(response, "length", None):  # the server closed before the Content-Length it announced
+            raise http.client.IncompleteRead(payload, response.length)
+        return payload
 
     def _judge_one(self, frames: np.ndarray) -> tuple[dict[str, float] | None, str]:
         images = [_png_base64(frame) for frame in frames]
@@ -557,7 +663,8 @@ class OpenAIJudge(_Judge):
             scores = parse_scores(answer, self.aspects)
             if scores is not None:
                 return scores, ""
-            reason = f"unusable answer {self._redact(str(answer)[:120])!r}"
+            # Redacted before it is cut: a key cut in two would not be recognised.
+            reason = f"unusable answer {self._redact(str(answer)[:4096])[:120]!r}"
         self._count(failures=1)
         return None, reason
 
@@ -567,21 +674,116 @@ class OpenAIJudge(_Judge):
         return [scores for scores, _ in outcomes], [reason for scores, reason in outcomes if scores is None]
 
 
+def _opener(deadline: float, timeout: float) -> urllib.request.OpenerDirector:
+    """urllib's opener for one judge request: follows no redirect, and fails the request at ``deadline``."""
+    return urllib.request.build_opener(
+        _RefuseRedirects, _DeadlineHTTPHandler(deadline, timeout), _DeadlineHTTPSHandler(deadline, timeout)
+    )
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """A 3xx stays an ``HTTPError``: urllib would otherwise re-send the request, ``Authorization`` included, to
+    wherever it points."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+def _time_left(deadline: float, timeout: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError(f"no complete answer within timeout={timeout:g} s")
+    return left
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reads, each allowed only the time left before the request's deadline: socket timeouts bound
+    each read, so a server dripping bytes would otherwise never time out."""
+
+    def __init__(self, sock, deadline: float, timeout: float):
+        self._sock, self._raw = sock, sock.makefile("rb", buffering=0)
+        self._deadline, self._timeout = deadline, timeout
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        self._sock.settimeout(_time_left(self._deadline, self._timeout))
+        try:
+            return self._raw.readinto(buffer)
+        except TimeoutError:  # the socket's timeout was the time left: the deadline passed
+            raise TimeoutError(f"no complete answer within timeout={self._timeout:g} s") from None
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    def __init__(self, sock, *args, deadline: float, timeout: float, **kwargs):
+        super().__init__(sock, *args, **kwargs)
+        reader = io.BufferedReader(_DeadlineReader(sock, deadline, timeout))  # the status line and headers too
+        self.fp.close()
+        self.fp = reader
+
+
+class _DeadlineConnection:
+    """Mixed into http.client's connections: every send and every read of the answer gets the time left."""
+
+    def __init__(self, *args, deadline: float, total: float, **kwargs):
+        super().__init__(*args, **kwargs)  # with urllib's ``timeout``: connecting takes at most that
+        self._deadline, self._total = deadline, total
+        self.response_class = functools.partial(_DeadlineResponse, deadline=deadline, timeout=total)
+
+    def send(self, data) -> None:
+        if self.sock is not None:
+            self.sock.settimeout(_time_left(self._deadline, self._total))
+        super().send(data)
+
+
+class _DeadlineHTTPConnection(_DeadlineConnection, http.client.HTTPConnection):
+    pass
+
+
+class _DeadlineHTTPSConnection(_DeadlineConnection, http.client.HTTPSConnection):
+    pass
+
+
+class _DeadlineHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, deadline: float, timeout: float):
+        super().__init__()
+        self._connection = functools.partial(_DeadlineHTTPConnection, deadline=deadline, total=timeout)
+
+    def http_open(self, req):
+        return self.do_open(self._connection, req)
+
+
+class _DeadlineHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, deadline: float, timeout: float):
+        super().__init__()
+        self._connection = functools.partial(_DeadlineHTTPSConnection, deadline=deadline, total=timeout)
+
+    def https_open(self, req):
+        return self.do_open(self._connection, req, context=self._context)
+
+
 def _answer_text(payload: bytes) -> str | None:
     """``choices[0].message.content`` of a chat-completions answer; ``None`` (an unusable answer) if absent."""
     try:
         content = json.loads(payload)["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
+    except (ValueError, KeyError, IndexError, TypeError, RecursionError):  # RecursionError: nested too deep
         return None
-    if isinstance(content, list):  # content parts
-        content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    if isinstance(content, list):  # content parts; a part's text may be null or not text at all
+        texts = [part.get("text") for part in content if isinstance(part, dict)]
+        content = "".join(text for text in texts if isinstance(text, str))
     return content if isinstance(content, str) else None
 
 
 def _error_body(err: urllib.error.HTTPError) -> str:
-    """The start of an error answer's body (what the server says is wrong), closing it."""
+    """The start of an error answer's body (what the server says is wrong), closing it; longer than what is shown,
+    so that it is redacted before it is cut."""
     try:
-        return err.read(300).decode("utf-8", "replace") if err.fp is not None else ""
+        return err.read(4096).decode("utf-8", "replace") if err.fp is not None else ""
     except (OSError, http.client.HTTPException):
         return ""
     finally:
