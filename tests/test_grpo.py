@@ -396,3 +396,26 @@ def test_two_process_ddp_trains_in_lockstep_when_one_rank_loses_its_reward(talki
     assert [r["step"] for r in ranks] == [1, 1]
     assert_identical(ranks[0]["weights"], ranks[1]["weights"])
     assert any(not torch.equal(before[k], v) for k, v in ranks[0]["weights"].items())
+
+
+def test_per_term_advantages_take_global_std_and_the_advantage_clip():
+    """With a CompositeReward aggregated per term, GRPO's ``global_std`` and ``advantage_clip`` reach every term's
+    advantage (they were ignored: each term was standardised per group and clipped at 5)."""
+    from prefalign.rewards import JitterPenalty
+
+    reward = CompositeReward(terms=[SyncExpert(), JitterPenalty()], weights={"sync": 1.0, "jitter": 0.5},
+                             aggregate="advantage")
+    grpo = GRPO(reward, group_size=4, global_std=True, advantage_clip=1.5)
+    groups = torch.arange(2).repeat_interleave(4)
+    sync = torch.tensor([0.0, 0.1, 0.2, 9.0, 0.5, 0.5, 0.6, 0.4])
+    jitter = torch.tensor([-1.0, 0.0, -2.0, 0.0, 0.0, -0.5, 0.0, -0.5])
+    terms = {"sync": sync, "jitter": jitter}
+
+    def written_out(r):  # (r - group mean) / (std over the whole batch + 1e-4), clipped to ±1.5
+        centred = r - r.view(2, 4).mean(dim=1).repeat_interleave(4)
+        return (centred / (r.std(unbiased=False) + 1e-4)).clamp(-1.5, 1.5)
+
+    expected = (written_out(sync) + 0.5 * written_out(jitter)).clamp(-1.5, 1.5)
+    torch.testing.assert_close(grpo.advantages(torch.zeros(8), terms, groups), expected)
+    per_group = GRPO(reward, group_size=4, advantage_clip=1.5).advantages(torch.zeros(8), terms, groups)
+    assert not torch.allclose(per_group, expected)

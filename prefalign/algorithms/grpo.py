@@ -249,7 +249,8 @@ class GRPO(Algorithm):
             return result
         if isinstance(self.reward, CompositeReward) and self.reward.aggregate == "advantage":
             kept = {name: value[valid] for name, value in terms.items() if torch.is_tensor(value)}
-            result[valid] = self.reward.weighted_advantages(kept, group_ids[valid])
+            result[valid] = self.reward.weighted_advantages(kept, group_ids[valid], self.global_std,
+                                                            self.advantage_clip)
         else:
             result[valid] = group_advantages(total[valid], group_ids[valid], self.global_std, self.advantage_clip)
         return result.clamp(-self.advantage_clip, self.advantage_clip)
