@@ -318,7 +318,7 @@ def push(
         )
     else:
         try:
-            recipe = read_recipe(recipe_path)
+            recipe = read_recipe_file(str(recipe_path))
         except ValueError as error:
             if config is not None:
                 raise  # the file the user named: say so rather than push without it
@@ -417,12 +417,6 @@ def find_recipe(ckpt_path: Union[str, Path]) -> Optional[Path]:
     return versions[0] if versions else None
 
 
-def read_recipe(path: Union[str, Path]) -> str:
-    """A recipe file's text, within the bounds every recipe prefalign reads is held to (``recipes.read_recipe_file``:
-    a regular UTF-8 file of at most ``recipes.MAX_BYTES``, of bounded YAML)."""
-    return read_recipe_file(str(path))
-
-
 def _version_order(config: Path) -> tuple[int, float]:
     """Newer last: a logger's version number (``version_3``), then the file's modification time."""
     number = config.parent.name.removeprefix("version_")
@@ -436,7 +430,7 @@ def _names_checkpoint_folder(config: Path, folder: Path) -> bool:
     import yaml
 
     try:
-        trainer = (yaml.safe_load(read_recipe(config)) or {}).get("trainer") or {}
+        trainer = (yaml.safe_load(read_recipe_file(str(config))) or {}).get("trainer") or {}
         callbacks = trainer.get("callbacks") or []
         callbacks = [callbacks] if isinstance(callbacks, dict) else callbacks
         checkpointing = [
@@ -554,7 +548,7 @@ class PushToHub(L.Callback):
         recipe = None
         if saved.is_file():
             try:
-                recipe = read_recipe(saved)
+                recipe = read_recipe_file(str(saved))
             except ValueError as error:
                 log.warning("PushToHub: pushing without a recipe: %s", error)
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal, Optional
 
 import torch
@@ -165,12 +166,11 @@ class DiffusionDPO(Algorithm):
         best and the worst under the reward. A group with fewer than two usable rewards (a judge's dropped
         answers) or no spread gives a pair of weight 0 (it still runs through the model, so that every rank's
         backward covers the same parameters). Returns (chosen, rejected, weight [B], logged)."""
-        from prefalign.module import SamplingSettings
-
         g, size = self.group_size, batch["reference"].shape[0]
         expanded = repeat_conditions(batch, g)
         generator = step_generator(self.seed, module.global_step, module.global_rank, module.device)
-        settings = SamplingSettings(num_steps=self.sample_steps, guidance_scale=self.guidance_scale)
+        settings = dataclasses.replace(module.sampling, num_steps=self.sample_steps, guidance_scale=self.guidance_scale,
+                                       stochastic=False, seed=self.seed, chunk_frames=None)
         latents = module.sample_latents(expanded, frames_of(batch), settings, generator)
         with torch.no_grad():
             rewards, _ = self.reward.total(module.denoiser.decode(latents), expanded)
