@@ -19,6 +19,7 @@ from prefalign.checkpoints import AtomicCheckpointIO, check_checkpoint
 from prefalign.data.cache import preprocess_command
 from prefalign.data.datamodule import PortraitDataModule
 from prefalign.data.synthetic import synth
+from prefalign.denoisers.hallo4 import convert_command as convert_hallo4
 from prefalign.hub import push_command
 from prefalign.module import AlignmentModule, export_denoiser_weights
 from prefalign.pairs import import_labels, sample_pairs
@@ -37,14 +38,16 @@ def export(ckpt_path: str, out: str, dtype: str = "float32") -> None:
     print(f"wrote {out}")
 
 
-#: Subcommands that are plain typed functions, next to LightningCLI's fit/validate/test/predict.
-COMMANDS: dict[str, Callable] = {
+#: Subcommands that are plain typed functions (or a dict of them: sub-subcommands), next to LightningCLI's
+#: fit/validate/test/predict.
+COMMANDS: dict[str, Callable | dict[str, Callable]] = {
     "synth": synth,
     "export": export,
     "pairs": sample_pairs,
     "labels": import_labels,
     "push": push_command,
     "preprocess": preprocess_command,
+    "convert": {"hallo4": convert_hallo4},
 }
 
 USAGE = """usage: prefalign {fit,validate,test,predict} --config FILE [...]   (LightningCLI; --help on each)

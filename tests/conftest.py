@@ -15,7 +15,7 @@ from prefalign.data.synthetic import TalkingShapesConfig, write_dataset  # noqa:
 from prefalign.denoisers import MelAudioEncoder, PixelCodec, WanDenoiser  # noqa: E402
 
 # Tiny checkpoints in the real on-disk layouts (tests/layouts.py), as session fixtures for every test module.
-from layouts import svd_xt_dir, wan_i2v_14b_dir, wav2vec2_base_960h_dir  # noqa: E402, F401
+from layouts import hallo4_dir, hallo4_release_file, svd_xt_dir, wan_i2v_14b_dir, wav2vec2_base_960h_dir  # noqa: E402, F401
 
 TINY_WAN = dict(
     patch_size=(1, 1, 1),

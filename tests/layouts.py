@@ -21,6 +21,15 @@ run on them as they run on a user's download (file names, shards, variants, conf
   ``vocab.json``, ``tokenizer_config.json``, ``special_tokens_map.json``. Only safetensors (the real repo also has
   ``pytorch_model.bin`` and ``tf_model.h5``; prefalign must not need them).
 
+- ``hallo4_release``: ``fudan-generative-ai/hallo4``'s ``hallo4/model_weight.pth``: one ``torch.save`` zip of a
+  plain state dict with Hallo4's own key names (the original Wan layout: ``blocks.{i}.self_attn.q``, ``modulation``,
+  ``vace_blocks.{j}.before_proj``, ``audio_proj.proj1``, ...; ``hallo4_state_dict`` lists every pattern and the
+  line of their code it comes from, and ``tests/test_hallo4.py`` checks the list against the state dict their code
+  makes). Stored in float32 (the release's dtype is not documented; the loader casts to the recipe's). Sized to
+  the tiny Wan VAE (16 latent channels, spatial ratio 8: VACE takes 2·16 + 64 = 96 channels) and the tiny
+  wav2vec2 (2 levels of 32). Not written: ``Wan2.1_Encoders/`` (prefalign takes Wan's VAE and umT5 from a diffusers
+  folder) and ``audio_separator/``.
+
 Each function writes into ``root`` and returns the path to pass as ``pretrained``; the session fixtures build each
 layout once per test session, whichever test module imports them.
 """
@@ -223,6 +232,136 @@ WAV2VEC2_TOKENIZER = {
 }  # fmt: skip
 
 
+# --- Hallo4 ---------------------------------------------------------------------------------------------------------
+#: The tiny release's sizes (the real: dim 1536, 12 heads, ffn 8960, 30 layers, 15 VACE blocks, text 4096, freq 256,
+#: speech MLP 5 × 12 × 768 → 512 → 32 tokens). heads, audio levels and audio width are what `overrides` must say.
+HALLO4_TINY = {
+    "dim": 32, "heads": 2, "ffn": 64, "layers": 4, "vace_blocks": 2, "in_channels": 16, "vace_channels": 96,
+    "text_dim": 32, "freq_dim": 32, "out_channels": 16, "patch": (1, 2, 2), "audio_window": 5, "audio_levels": 2,
+    "audio_dim": 32, "audio_hidden": 32, "audio_tokens": 4, "pose_channels": 16,
+}  # fmt: skip
+#: ``Hallo4Denoiser(overrides=...)`` for the tiny release (sizes its shapes cannot tell).
+HALLO4_TINY_OVERRIDES = {"num_attention_heads": 2, "vace_layers": [0, 2], "text_len": 16, "audio_levels": 2,
+                         "audio_dim": 32}  # fmt: skip
+
+
+def hallo4_state_dict(sizes: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random state dict with every key name and shape of Hallo4's ``VaceWanModel`` (audio and skeleton on), at
+    ``sizes`` (``HALLO4_TINY``'s keys). Where each comes from in their code (fudan-generative-vision/hallo4,
+    vace/models/wan/modules/):
+
+    - wan_model.py ``WanModel.__init__``: ``patch_embedding`` (Conv3d in→dim, kernel = patch), ``text_embedding.{0,2}``
+      (Linear text_dim→dim, GELU, Linear dim→dim), ``time_embedding.{0,2}`` (Linear freq_dim→dim, SiLU, Linear),
+      ``time_projection.1`` (SiLU, Linear dim→6·dim), ``head`` (``Head``: ``head.head`` Linear dim→prod(patch)·out,
+      ``head.modulation`` [1, 2, dim]; its ``norm`` has no weights). ``freqs`` is a plain attribute: not saved.
+    - wan_model.py ``WanAttentionBlock``: ``modulation`` [1, 6, dim]; ``self_attn`` and ``cross_attn``
+      (``WanSelfAttention``/``WanT2VCrossAttention``: ``q k v o`` Linear dim→dim, ``norm_q norm_k`` ``WanRMSNorm``
+      weight [dim]); ``norm3`` (``cross_attn_norm=True``: affine LayerNorm); ``ffn.{0,2}`` (Linear dim→ffn, GELU,
+      Linear ffn→dim); ``norm1``/``norm2`` have no weights. With ``enable_skeleton_cross_attn``:
+      ``condition_cross_norm`` + ``condition_cross_attn``; with ``enable_aduio_cross_attn``: ``audio_cross_norm`` +
+      ``audio_cross_attn`` (the same classes).
+    - model.py ``VaceWanModel.__init__``: ``blocks`` (``BaseWanAttentionBlock``: the above, with both additions),
+      ``vace_blocks`` (``VaceWanAttentionBlock``: a plain block, ``before_proj`` Linear dim→dim in block 0 only,
+      ``after_proj`` Linear dim→dim in each), ``vace_patch_embedding`` (Conv3d vace_in→dim), ``pose_proj``
+      (pose_proj.py ``PoseProjector``, ``patch_size_t=None``: ``proj`` Conv2d in→dim/4 kernel patch[1], ``norm``
+      LayerNorm dim/4), ``audio_proj`` (audio_proj.py ``AudioProjModel``: ``proj1`` Linear window·levels·width→
+      hidden, ``proj2`` hidden→hidden, ``proj3`` hidden→tokens·dim, ``norm`` LayerNorm dim).
+    """
+    g = torch.Generator().manual_seed(seed)
+    z = sizes
+    d, f, p = z["dim"], z["ffn"], tuple(z["patch"])
+    shapes: dict[str, tuple] = {}
+
+    def linear(name: str, fan_in: int, fan_out: int) -> None:
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (fan_out, fan_in), (fan_out,)
+
+    def norm(name: str, width: int, bias: bool = True) -> None:
+        shapes[f"{name}.weight"] = (width,)
+        if bias:
+            shapes[f"{name}.bias"] = (width,)
+
+    def attention(name: str) -> None:
+        for part in "qkvo":
+            linear(f"{name}.{part}", d, d)
+        norm(f"{name}.norm_q", d, bias=False)
+        norm(f"{name}.norm_k", d, bias=False)
+
+    def block(name: str, extras: bool) -> None:
+        shapes[f"{name}.modulation"] = (1, 6, d)
+        attention(f"{name}.self_attn")
+        attention(f"{name}.cross_attn")
+        norm(f"{name}.norm3", d)
+        linear(f"{name}.ffn.0", d, f)
+        linear(f"{name}.ffn.2", f, d)
+        if extras:
+            norm(f"{name}.condition_cross_norm", d)
+            attention(f"{name}.condition_cross_attn")
+            norm(f"{name}.audio_cross_norm", d)
+            attention(f"{name}.audio_cross_attn")
+
+    shapes["patch_embedding.weight"], shapes["patch_embedding.bias"] = (d, z["in_channels"], *p), (d,)
+    linear("text_embedding.0", z["text_dim"], d)
+    linear("text_embedding.2", d, d)
+    linear("time_embedding.0", z["freq_dim"], d)
+    linear("time_embedding.2", d, d)
+    linear("time_projection.1", d, 6 * d)
+    for i in range(z["layers"]):
+        block(f"blocks.{i}", extras=True)
+    linear("head.head", d, z["out_channels"] * p[0] * p[1] * p[2])
+    shapes["head.modulation"] = (1, 2, d)
+    for j in range(z["vace_blocks"]):
+        block(f"vace_blocks.{j}", extras=False)
+        if j == 0:
+            linear(f"vace_blocks.{j}.before_proj", d, d)
+        linear(f"vace_blocks.{j}.after_proj", d, d)
+    shapes["vace_patch_embedding.weight"] = (d, z["vace_channels"], *p)
+    shapes["vace_patch_embedding.bias"] = (d,)
+    shapes["pose_proj.proj.weight"], shapes["pose_proj.proj.bias"] = (d // 4, z["pose_channels"], p[1], p[2]), (d // 4,)
+    norm("pose_proj.norm", d // 4)
+    linear("audio_proj.proj1", z["audio_window"] * z["audio_levels"] * z["audio_dim"], z["audio_hidden"])
+    linear("audio_proj.proj2", z["audio_hidden"], z["audio_hidden"])
+    linear("audio_proj.proj3", z["audio_hidden"], z["audio_tokens"] * d)
+    norm("audio_proj.norm", d)
+
+    state = {}
+    for key, shape in shapes.items():
+        if len(shape) >= 2 and not key.endswith("modulation"):
+            fan_in = 1
+            for n in shape[1:]:
+                fan_in *= n
+            state[key] = torch.randn(shape, generator=g) / fan_in**0.5
+        elif key.endswith("modulation"):
+            state[key] = 0.2 * torch.randn(shape, generator=g)
+        elif key.endswith(".weight"):  # norms
+            state[key] = 1 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            state[key] = 0.1 * torch.randn(shape, generator=g)
+    return state
+
+
+def hallo4_release(root: Path | str) -> str:
+    """Write a tiny ``fudan-generative-ai/hallo4`` download into ``root``; returns the ``model_weight.pth`` path."""
+    path = Path(root) / "hallo4" / "model_weight.pth"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(hallo4_state_dict(HALLO4_TINY), path)
+    return str(path)
+
+
+def hallo4_converted(root: Path | str) -> str:
+    """The tiny release converted by ``prefalign convert hallo4`` (with a random text embedding, as
+    ``--text_encoder`` would write one); returns the folder (``pretrained`` for ``Hallo4Denoiser``)."""
+    from prefalign.denoisers.hallo4 import TEXT_FILE, convert, write_text_embedding
+
+    root = Path(root)
+    release = hallo4_release(root / "download")
+    out = convert(release, root / "hallo4-prefalign", HALLO4_TINY_OVERRIDES)
+    g = torch.Generator().manual_seed(1)
+    text_dim = HALLO4_TINY["text_dim"]
+    write_text_embedding(out / "hallo4" / TEXT_FILE, torch.randn(6, text_dim, generator=g),
+                         torch.randn(11, text_dim, generator=g))
+    return str(out)
+
+
 def write_json(path: Path, content: dict, compact: bool = False) -> None:
     """A JSON file as the Hub repos hold them: diffusers/transformers configs indented and key-sorted, the 2021
     tokenizer files on one line."""
@@ -322,6 +461,18 @@ def wan_i2v_14b_dir(tmp_path_factory) -> str:
 def svd_xt_dir(tmp_path_factory) -> str:
     """A tiny stable-video-diffusion-img2vid-xt folder (``pretrained`` for ``SVDDenoiser`` / ``SVDVAECodec``)."""
     return _once(tmp_path_factory, svd_xt)
+
+
+@pytest.fixture(scope="session")
+def hallo4_release_file(tmp_path_factory) -> str:
+    """A tiny ``hallo4/model_weight.pth`` (``checkpoint`` for ``Hallo4Denoiser``, with ``HALLO4_TINY_OVERRIDES``)."""
+    return _once(tmp_path_factory, hallo4_release)
+
+
+@pytest.fixture(scope="session")
+def hallo4_dir(tmp_path_factory) -> str:
+    """The tiny release converted (``pretrained`` for ``Hallo4Denoiser``)."""
+    return _once(tmp_path_factory, hallo4_converted)
 
 
 @pytest.fixture(scope="session")

@@ -227,6 +227,10 @@ class Wav2Vec2AudioEncoder(AudioEncoder):
         normalize (bool): normalise each clip to zero mean and unit variance, as ``Wav2Vec2FeatureExtractor``
             does for the checkpoints that expect it (``do_normalize`` in their preprocessor config).
         torch_dtype (str): the model's weights' dtype (``float32``, ``bfloat16``).
+        resample (str): where the 50 Hz features meet the video's frame rate: ``"hidden"`` (above: every level is
+            interpolated to the frames' centres) or ``"features"`` (Hallo's and Hallo4's way: the CNN features are
+            linearly interpolated to the frame count, ends aligned, and the transformer runs at the frame rate;
+            use it with a model trained so, e.g. ``Hallo4Denoiser`` with ``layers: [1, ..., 12]``).
     """
 
     def __init__(
@@ -236,6 +240,7 @@ class Wav2Vec2AudioEncoder(AudioEncoder):
         layers: list[int] | None = None,
         normalize: bool = True,
         torch_dtype: str = "float32",
+        resample: str = "hidden",
     ):
         super().__init__()
         import transformers
@@ -244,6 +249,9 @@ class Wav2Vec2AudioEncoder(AudioEncoder):
 
         if (pretrained is None) == (config is None):
             raise ValueError("Wav2Vec2AudioEncoder needs exactly one of `pretrained` (a Hub id or folder) or `config`")
+        if resample not in ("hidden", "features"):
+            raise ValueError(f"Wav2Vec2AudioEncoder resample must be 'hidden' or 'features', got {resample!r}")
+        self.resample = resample
         dtype = getattr(torch, torch_dtype)
         if pretrained is not None:
             # transformers 4.56 renamed `torch_dtype` to `dtype` and 5.x warns on the old name.
@@ -318,10 +326,29 @@ class Wav2Vec2AudioEncoder(AudioEncoder):
             self.model.train(mode)
         weight = next(self.model.parameters())
         with contextlib.nullcontext() if trainable else torch.no_grad():
-            out = self.model(audio.to(device=weight.device, dtype=weight.dtype), output_hidden_states=True)
+            audio = audio.to(device=weight.device, dtype=weight.dtype)
+            if self.resample == "features":
+                return self.frame_rate_levels(audio, num_frames)
+            out = self.model(audio, output_hidden_states=True)
             hidden = out.hidden_states if self.layers is None else [out.hidden_states[i] for i in self.layers]
             hidden = torch.stack(hidden, dim=2).float()  # [B, N, L, D] at the feature rate
             return self.to_frames(hidden, num_frames, samples_per_frame)
+
+    def frame_rate_levels(self, audio: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """``resample="features"``: the CNN features interpolated to ``num_frames`` (linear, first and last aligned)
+        by a hook on the feature encoder, so that the model projects and encodes them at that rate → the kept
+        levels ``[B, T, L, D]``."""
+
+        def to_frame_rate(module, args, features):  # [B, C, N] at 50 Hz → [B, C, T]
+            return F.interpolate(features, size=num_frames, mode="linear", align_corners=True)
+
+        handle = self.model.feature_extractor.register_forward_hook(to_frame_rate)
+        try:
+            out = self.model(audio, output_hidden_states=True)
+        finally:
+            handle.remove()
+        levels = out.hidden_states if self.layers is None else [out.hidden_states[i] for i in self.layers]
+        return torch.stack(levels, dim=2).float()
 
     def to_frames(self, hidden: torch.Tensor, num_frames: int, samples_per_frame: float) -> torch.Tensor:
         """Features ``[B, N, L, D]`` at the CNN's rate → ``[B, T, L, D]`` at the video frames' centres."""

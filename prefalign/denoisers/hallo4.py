@@ -52,6 +52,13 @@ RELEASED_MODULES = {
 }  # fmt: skip
 #: Largest checkpoint accepted (the released file is 5.6 GB in float32; the bound stops a runaway read).
 MAX_CHECKPOINT_BYTES = 64 * 2**30
+#: Hallo4's prompt at inference, and Wan's negative prompt, which Hallo4's guidance uses (``sample_neg_prompt``).
+PROMPT = "a person is talking"
+WAN_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，"
+    "残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，"
+    "三条腿，背景人很多，倒着走"
+)
 MODULES_FOLDER, MODULES_FILE, MODULES_CONFIG = "hallo4", "hallo4_modules.safetensors", "config.json"
 TEXT_FILE = "text_embedding.safetensors"
 
@@ -405,24 +412,71 @@ def load_released(path: str | Path, overrides: Optional[dict] = None, dtype: tor
     return transformer.train(), modules
 
 
-def convert(checkpoint: str | Path, out: str | Path, overrides: Optional[dict] = None) -> Path:
-    """Write a released Hallo4 file as a folder: ``transformer/`` (diffusers' ``save_pretrained``, safetensors) and
-    ``hallo4/`` (the modules' tensors and config). ``Hallo4Denoiser(pretrained=out)`` loads it."""
+def convert(
+    checkpoint: str | Path,
+    out: str | Path,
+    overrides: Optional[dict] = None,
+    text_encoder: Optional[str] = None,
+    prompt: str = PROMPT,
+    negative_prompt: str = WAN_NEGATIVE_PROMPT,
+) -> Path:
+    """Write a released Hallo4 file as a folder that loads fast and without unpickling: ``transformer/``
+    (diffusers' ``save_pretrained``, safetensors) and ``hallo4/`` (the modules' tensors and config, and with
+    ``text_encoder`` the prompts' umT5 embeddings). ``Hallo4Denoiser(pretrained=out)`` loads it. ``out`` must not
+    exist; the folder appears whole or not at all."""
+    import shutil
+    import tempfile
+
     from safetensors.torch import save_file
 
+    out = Path(out).expanduser()
+    if out.exists():
+        raise FileExistsError(f"{out} exists: give a new folder")
     state = read_released(checkpoint)
     dtype = next(iter(state.values())).dtype
     del state
     transformer, modules = load_released(checkpoint, overrides, dtype=dtype)
-    out = Path(out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    transformer.save_pretrained(out / "transformer", safe_serialization=True)
-    folder = out / MODULES_FOLDER
-    folder.mkdir(exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in modules.state_dict().items()}
-    save_file(tensors, str(folder / MODULES_FILE), metadata={"source": Path(checkpoint).name})
-    (folder / MODULES_CONFIG).write_text(json.dumps(modules.config, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # same filesystem: the rename is atomic
+    try:
+        transformer.save_pretrained(work / "transformer", safe_serialization=True)
+        folder = work / MODULES_FOLDER
+        folder.mkdir()
+        tensors = {k: v.contiguous() for k, v in modules.state_dict().items()}
+        save_file(tensors, str(folder / MODULES_FILE), metadata={"source": Path(checkpoint).name})
+        (folder / MODULES_CONFIG).write_text(json.dumps(modules.config, indent=2) + "\n")
+        if text_encoder is not None:
+            embedded = embed_prompts(text_encoder, [prompt, negative_prompt], modules.text_len)
+            write_text_embedding(folder / TEXT_FILE, *embedded)
+        work.rename(out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     return out
+
+
+def convert_command(
+    checkpoint: str,
+    out: str,
+    text_encoder: Optional[str] = None,
+    prompt: str = PROMPT,
+    negative_prompt: str = WAN_NEGATIVE_PROMPT,
+    num_attention_heads: Optional[int] = None,
+) -> None:
+    """Convert the released Hallo4 weights (``hallo4/model_weight.pth``) into a folder ``Hallo4Denoiser`` loads.
+
+    Args:
+        checkpoint: the released file (torch zip read with ``weights_only``, or safetensors; Wan's key names).
+        out: the folder to write (must not exist): ``transformer/`` and ``hallo4/``.
+        text_encoder: a Wan diffusers folder or Hub id with ``text_encoder/`` and ``tokenizer/`` (umT5): embed the
+            prompt and negative prompt once into ``hallo4/text_embedding.safetensors``.
+        prompt: the prompt Hallo4 is conditioned on.
+        negative_prompt: the negative prompt of classifier-free guidance.
+        num_attention_heads: the transformer's heads, if not the release's 128-wide heads (12 at 1.3B).
+    """
+    overrides = {} if num_attention_heads is None else {"num_attention_heads": num_attention_heads}
+    folder = convert(checkpoint, out, overrides, text_encoder, prompt, negative_prompt)
+    print(f"wrote {folder}")
 
 
 def load_converted(folder: str | Path, subfolder: Optional[str], dtype: torch.dtype):
@@ -529,8 +583,8 @@ class Hallo4Denoiser(PortraitDenoiser):
         torch_dtype: str = "float32",
         text_embedding: Optional[str] = None,
         text_encoder: Optional[str] = None,
-        prompt: str = "a person is talking",
-        negative_prompt: str = "",
+        prompt: str = PROMPT,
+        negative_prompt: str = WAN_NEGATIVE_PROMPT,
         vace_scale: float = 1.0,
         gradient_checkpointing: bool = False,
         fps: float = 25.0,
