@@ -98,15 +98,21 @@ def recipes(tmp_path_factory, judge) -> Path:
     return out
 
 
-def arguments(recipe: str, algorithm: str, recipes: Path, data: Path, wan: str, svd: str, wav2vec2: str) -> list[str]:
+def arguments(recipe: str, algorithm: str, recipes: Path, data: Path, wan: str, svd: str, wav2vec2: str,
+              hallo4: str | None = None, overlay: bool = False) -> list[str]:
+    """``hallo4``: the converted tiny Hallo4 (the recipes that start from it: dpo_hallo4, or any with ``overlay``,
+    which adds ``--config recipes/overlays/hallo4.yaml``)."""
+    on_hallo4 = recipe == "dpo_hallo4" or overlay
     weights = svd if recipe == "sft_svd" else wan
     args = ["--config", str(recipes / f"{recipe}.yaml")]
+    if overlay:
+        args += ["--config", str(recipes / "overlays" / "hallo4.yaml")]
     if algorithm != OWN[recipe]:
         args += ["--model.algorithm", str(recipes / "algorithms" / f"{algorithm}.yaml")]
     args += SIZES[algorithm]
     args += [
         # paths
-        "--model.denoiser.init_args.pretrained", weights,
+        "--model.denoiser.init_args.pretrained", hallo4 if on_hallo4 else weights,
         "--model.denoiser.init_args.codec.init_args.pretrained", weights,
         "--model.denoiser.init_args.audio_encoder.init_args.pretrained", wav2vec2,
         "--data.train", str(data), "--data.val", str(data),
@@ -115,8 +121,12 @@ def arguments(recipe: str, algorithm: str, recipes: Path, data: Path, wan: str, 
         # sizes
         "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
         "--data.num_frames", "9", "--data.num_workers", "0",
-        "--model.denoiser.init_args.pose_keypoints", "8", "--model.denoiser.init_args.audio_heads", "2",
+        "--model.denoiser.init_args.pose_keypoints", "8",
     ]
+    if on_hallo4:  # the tiny wav2vec2 has 2 layers (the real 12); Hallo4 has its own speech attention's heads
+        args += ["--model.denoiser.init_args.audio_encoder.init_args.layers", "[1, 2]"]
+    else:
+        args += ["--model.denoiser.init_args.audio_heads", "2"]
     return args
 
 
@@ -145,12 +155,13 @@ def run(args: list[str], probe: Path, cwd: Path, env_extra: dict | None = None) 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_runs_every_algorithm(recipe, algorithm, recipes, talkingshapes, wan_i2v_14b_dir, svd_xt_dir,
-                                     wav2vec2_base_960h_dir, tmp_path, monkeypatch):
+                                     wav2vec2_base_960h_dir, hallo4_dir, tmp_path, monkeypatch):
     from prefalign.cli import main
 
     monkeypatch.chdir(tmp_path)  # the recipes write runs/<name>/ relative to where they run
     monkeypatch.setenv("JUDGE_API_KEY", "test-key")
-    args = arguments(recipe, algorithm, recipes, talkingshapes, wan_i2v_14b_dir, svd_xt_dir, wav2vec2_base_960h_dir)
+    args = arguments(recipe, algorithm, recipes, talkingshapes, wan_i2v_14b_dir, svd_xt_dir, wav2vec2_base_960h_dir,
+                     hallo4_dir)
     probe = tmp_path / "probe"
     main(["fit", *args, "--trainer.callbacks+",
           f"[{{class_path: test_recipes_matrix.Probe, init_args: {{path: {probe}}}}}]"])
@@ -158,6 +169,24 @@ def test_recipe_runs_every_algorithm(recipe, algorithm, recipes, talkingshapes, 
     check(record, algorithm)
     own_lr = {"sft": 1e-4, "dpo": 1e-5, "grpo": 3e-6, "refree": 2e-5}[algorithm]
     assert record["lr"] == pytest.approx(own_lr)  # the algorithm file's rate travels with it
+
+
+@pytest.mark.parametrize("recipe", ["grpo_flowportrait", "refree_s2v"])
+def test_the_hallo4_overlay_starts_a_recipe_from_hallo4(recipe, recipes, talkingshapes, wan_i2v_14b_dir, svd_xt_dir,
+                                                        wav2vec2_base_960h_dir, hallo4_dir, tmp_path, monkeypatch):
+    """One --config more (recipes/overlays/hallo4.yaml) and the recipe's own algorithm trains the released model."""
+    from prefalign.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("JUDGE_API_KEY", "test-key")
+    args = arguments(recipe, OWN[recipe], recipes, talkingshapes, wan_i2v_14b_dir, svd_xt_dir, wav2vec2_base_960h_dir,
+                     hallo4_dir, overlay=True)
+    probe = tmp_path / "probe"
+    main(["fit", *args, "--trainer.callbacks+",
+          f"[{{class_path: test_recipes_matrix.Probe, init_args: {{path: {probe}}}}}]"])
+    record = json.loads((tmp_path / "probe.rank0").read_text())
+    check(record, OWN[recipe])
+    assert any("audio_cross_attn" in name for name in record["first_gradients"])  # Hallo4's own speech attention
 
 
 WAN_BLOCK = "diffusers.models.transformers.transformer_wan.WanTransformerBlock"

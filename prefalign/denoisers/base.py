@@ -280,10 +280,10 @@ class _MotionHook:
 
 
 class CheckpointWithConditions:
-    """Gradient checkpointing for backbone blocks that also carries the per-forward audio tokens.
+    """Gradient checkpointing for backbone blocks that also carries the per-forward condition tokens.
 
-    Block hooks read the tokens from the denoiser; checkpointing recomputes a block in backward, when the
-    denoiser may hold another call's tokens (or none). Passing them as an explicit checkpoint input makes the
+    Block hooks read the audio and motion tokens from the denoiser; checkpointing recomputes a block in backward,
+    when the denoiser may hold another call's tokens (or none). Passing them as explicit checkpoint inputs makes the
     recomputation see exactly the tokens of its own forward. Given to diffusers' ``enable_gradient_checkpointing``.
     """
 
@@ -291,12 +291,16 @@ class CheckpointWithConditions:
         self.owner = owner
 
     def __call__(self, block: nn.Module, *args):
-        return torch.utils.checkpoint.checkpoint(self._run, block, self.owner._audio_tokens, *args, use_reentrant=False)
+        owner = self.owner
+        return torch.utils.checkpoint.checkpoint(
+            self._run, block, owner._audio_tokens, owner._motion_tokens, *args, use_reentrant=False
+        )
 
-    def _run(self, block: nn.Module, tokens: Optional[torch.Tensor], *args):
-        saved = self.owner._audio_tokens
-        self.owner._audio_tokens = tokens
+    def _run(self, block: nn.Module, audio: Optional[torch.Tensor], motion: Optional[torch.Tensor], *args):
+        owner = self.owner
+        saved = owner._audio_tokens, owner._motion_tokens
+        owner._audio_tokens, owner._motion_tokens = audio, motion
         try:
             return block(*args)
         finally:
-            self.owner._audio_tokens = saved
+            owner._audio_tokens, owner._motion_tokens = saved

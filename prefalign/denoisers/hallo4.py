@@ -81,7 +81,9 @@ class FP32LayerNorm(nn.LayerNorm):
     """Layer norm computed in float32 and cast back (Wan's ``WanLayerNorm``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type_as(x)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
 class CrossAttention(nn.Module):
