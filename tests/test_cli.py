@@ -11,7 +11,9 @@ import yaml
 from prefalign.cli import main
 
 ROOT = Path(__file__).parents[1]
-RECIPES = sorted(r for r in ROOT.joinpath("recipes").rglob("*.yaml") if r.parent.name not in ("cluster", "algorithms"))
+#: Whole recipes (not the fragments: cluster/ and overlays/ overlays, algorithms/ and backbones/ values).
+FRAGMENTS = ("cluster", "algorithms", "backbones", "overlays")
+RECIPES = sorted(r for r in ROOT.joinpath("recipes").rglob("*.yaml") if r.parent.name not in FRAGMENTS)
 REAL_SCALE = sorted(ROOT.joinpath("recipes").glob("*.yaml"))
 ALGORITHM_FILES = sorted(ROOT.joinpath("recipes", "algorithms").glob("*.yaml"))
 OVERLAYS = sorted(ROOT.joinpath("recipes", "cluster").glob("*.yaml"))
@@ -38,6 +40,27 @@ def test_one_value_swaps_the_algorithm_with_its_settings(recipe, algorithm, caps
     printed = yaml.safe_load(capsys.readouterr().out)["model"]["algorithm"]
     wanted = yaml.safe_load(algorithm.read_text())
     assert contains(printed, wanted), (printed, wanted)
+
+
+@pytest.mark.parametrize("recipe", REAL_SCALE, ids=[r.stem for r in REAL_SCALE])
+def test_the_hallo4_overlay_swaps_the_denoiser_and_keeps_the_algorithm(recipe, capsys):
+    """``--config recipes/overlays/hallo4.yaml`` makes any real-scale recipe start from the released Hallo4: its
+    denoiser (nothing of the recipe's own denoiser's options carried over) and sampler; the algorithm stays."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(recipe), "--config", str(ROOT / "recipes" / "overlays" / "hallo4.yaml"),
+              "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]
+    own = yaml.safe_load(recipe.read_text())["model"]["algorithm"]
+    denoiser = printed["denoiser"]
+    assert denoiser["class_path"] == "prefalign.denoisers.Hallo4Denoiser"
+    wanted = yaml.safe_load((ROOT / "recipes" / "backbones" / "hallo4.yaml").read_text())
+    assert contains(denoiser, wanted), (denoiser, wanted)
+    assert "audio_heads" not in denoiser["init_args"] and "pooled_audio_token" not in denoiser["init_args"]
+    assert printed["sampling"]["num_steps"] == 25 and printed["sampling"]["guidance_scale"] == 6.0
+    assert printed["process"]["init_args"]["shift"] == 8.0
+    algorithm = yaml.safe_load((ROOT / "recipes" / own).read_text())
+    assert contains(printed["algorithm"], algorithm)
 
 
 def contains(printed, wanted) -> bool:

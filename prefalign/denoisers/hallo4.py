@@ -34,7 +34,7 @@ from torch import nn
 
 from prefalign.data.errors import DataError
 from prefalign.denoisers.audio import AudioEncoder
-from prefalign.denoisers.base import CheckpointWithConditions, PortraitDenoiser, frames_of
+from prefalign.denoisers.base import CheckpointWithConditions, PortraitDenoiser
 from prefalign.denoisers.codecs import Codec
 from prefalign.denoisers.skeleton import render_skeleton
 
@@ -679,23 +679,12 @@ class Hallo4Denoiser(PortraitDenoiser):
         return {}  # every module is pretrained: LoRA adapts them (default_lora_targets)
 
     def condition(self, batch: dict, num_frames: Optional[int] = None) -> dict:
-        reference = batch.get("reference")
-        if reference is None:
-            raise DataError("the denoiser needs a reference image (or a video whose first frame serves)", field="reference")
-        if num_frames is None:
-            num_frames = frames_of(batch)
-        self.codec.num_latent_frames(num_frames)
+        """The reference latent and speech features (as every denoiser's), Hallo4's VACE context and the skeleton
+        latents."""
+        cond = super().condition(batch, num_frames)
+        num_frames, reference = cond["num_frames"], batch["reference"]
         height, width = reference.shape[-2:]
-        cond = {"reference": self.encode_reference(reference, num_frames), "num_frames": num_frames}
         cond["vace"] = self.vace_context(cond["reference"], num_frames, height, width)
-        if self.audio_encoder is not None:
-            if batch.get("audio") is None:
-                raise DataError("this denoiser is audio-conditioned but the batch has no audio", field="audio")
-            features = batch.get("audio_features")
-            if features is not None and self.audio_encoder_frozen and features.shape[1] == num_frames:
-                cond["audio"] = features
-            else:
-                cond["audio"] = self.audio_encoder(batch["audio"], num_frames, self.fps)
         if self.backbone.hallo4.pose_proj is not None:
             pose = batch.get("pose")
             if self.pose_keypoints is not None and pose is None:
