@@ -293,14 +293,22 @@ def read_released(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a released Hallo4 file (``model_weight.pth`` / ``.ckpt``: a torch zip, read with
     ``weights_only``, so no code is unpickled; or ``.safetensors``), checked to be of Hallo4's layout."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise DataError("a folder, not a checkpoint file (a folder of `prefalign convert hallo4` is `pretrained`)",
+                        path=path, field="checkpoint")
     if not path.is_file():
         raise DataError("Hallo4 checkpoint not found", path=path, field="checkpoint")
     size = path.stat().st_size
     if size > MAX_CHECKPOINT_BYTES:
         raise DataError(f"{size} bytes: larger than any Hallo4 checkpoint ({MAX_CHECKPOINT_BYTES} at most)", path=path,
                         field="checkpoint")
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    is_safetensors = len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size
+    if not is_safetensors and not head.startswith((b"PK\x03\x04", b"\x80")):  # a torch zip, or its legacy pickle
+        raise DataError("neither a torch checkpoint (zip or pickle) nor safetensors", path=path, field="checkpoint")
     try:
-        if path.suffix == ".safetensors":
+        if is_safetensors:  # by its bytes, whatever its name says
             from safetensors.torch import load_file
 
             state = load_file(str(path))
@@ -336,6 +344,10 @@ def released_config(state: dict[str, torch.Tensor], overrides: Optional[dict] = 
     """(transformer arguments, module arguments) of a released state dict: every size its shapes tell, the rest
     (heads, VACE layer positions, text length, speech window and levels) from the release, unless overridden."""
     overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(RELEASED_TRANSFORMER) - set(RELEASED_MODULES))
+    if unknown:
+        raise ValueError(f"overrides {unknown} are not Hallo4 settings; allowed: "
+                         f"{sorted(set(RELEASED_TRANSFORMER) | set(RELEASED_MODULES))}")
     transformer = {**RELEASED_TRANSFORMER}
     modules = {**RELEASED_MODULES}
     patch = state["patch_embedding.weight"]
@@ -391,7 +403,10 @@ def load_released(path: str | Path, overrides: Optional[dict] = None, dtype: tor
     from diffusers import WanVACETransformer3DModel
 
     state = read_released(path)
-    transformer_config, modules_config = released_config(state, overrides)
+    try:
+        transformer_config, modules_config = released_config(state, overrides)
+    except ValueError as error:
+        raise DataError(str(error), path=path, field="checkpoint") from None
     tensors, own = split_released(state, str(path))
     with torch.device("meta"):
         transformer = WanVACETransformer3DModel(**transformer_config)
@@ -403,7 +418,8 @@ def load_released(path: str | Path, overrides: Optional[dict] = None, dtype: tor
                  for k in sorted(expected & set(values)) if values[k].shape != part.state_dict()[k].shape]  # fmt: skip
         if missing or unexpected or wrong:
             raise DataError(
-                f"the checkpoint does not fit Hallo4's {name}: missing {missing[:3]} ({len(missing)}), without a "
+                f"the checkpoint does not fit Hallo4's {name} (diffusers' names): missing {missing[:3]} "
+                f"({len(missing)}), without a "
                 f"place {unexpected[:3]} ({len(unexpected)}), other shapes {wrong[:2]} ({len(wrong)})",
                 path=path, field="checkpoint",
             )
@@ -464,6 +480,11 @@ def convert_command(
     prompt: str = PROMPT,
     negative_prompt: str = WAN_NEGATIVE_PROMPT,
     num_attention_heads: Optional[int] = None,
+    vace_layers: Optional[list[int]] = None,
+    text_len: Optional[int] = None,
+    audio_window: Optional[int] = None,
+    audio_levels: Optional[int] = None,
+    audio_dim: Optional[int] = None,
 ) -> None:
     """Convert the released Hallo4 weights (``hallo4/model_weight.pth``) into a folder ``Hallo4Denoiser`` loads.
 
@@ -475,8 +496,15 @@ def convert_command(
         prompt: the prompt Hallo4 is conditioned on.
         negative_prompt: the negative prompt of classifier-free guidance.
         num_attention_heads: the transformer's heads, if not the release's 128-wide heads (12 at 1.3B).
+        vace_layers: the main blocks that take the VACE hints, if not every second one from 0.
+        text_len: the text context's length, if not Wan's 512.
+        audio_window: video frames per speech window, if not 5.
+        audio_levels: wav2vec2 levels the speech MLP takes, if not 12.
+        audio_dim: their width, if not 768.
     """
-    overrides = {} if num_attention_heads is None else {"num_attention_heads": num_attention_heads}
+    given = {"num_attention_heads": num_attention_heads, "vace_layers": vace_layers, "text_len": text_len,
+             "audio_window": audio_window, "audio_levels": audio_levels, "audio_dim": audio_dim}  # fmt: skip
+    overrides = {key: value for key, value in given.items() if value is not None}
     folder = convert(checkpoint, out, overrides, text_encoder, prompt, negative_prompt)
     print(f"wrote {folder}")
 
@@ -647,7 +675,7 @@ class Hallo4Denoiser(PortraitDenoiser):
 
     # --- text ----------------------------------------------------------------------------------------------------
     def _text_embeddings(self, path, encoder, pretrained, prompt, negative, text_dim) -> tuple[torch.Tensor, torch.Tensor]:
-        if path is None and pretrained is not None and (Path(pretrained) / MODULES_FOLDER / TEXT_FILE).is_file():
+        if path is None and encoder is None and pretrained is not None and (Path(pretrained) / MODULES_FOLDER / TEXT_FILE).is_file():
             path = str(Path(pretrained) / MODULES_FOLDER / TEXT_FILE)
         if path is not None and encoder is not None:
             raise ValueError("give the text as text_embedding (a file) or text_encoder, not both")

@@ -5,8 +5,10 @@ hands as coloured bone chains and the face as white dots. ``render_skeleton`` dr
 ``[B, T, K, 2]`` (x, y in [0, 1] of the frame) in torch, one frame batch at a time. For 133 keypoints
 (COCO-WholeBody, what DWPose detects) it draws the OpenPose-18 body (the neck is the shoulders' midpoint), both
 hands and the face; for 18 it draws the OpenPose body; for any other count each keypoint is a dot in its own
-colour. Strokes are drawn by distance to each segment (no anti-aliasing), so the pixels differ from DWPose's
-OpenCV drawing in the edges of strokes, not in what is drawn where.
+colour. Sizes are DWPose's in pixels of a 512-pixel-high frame (limbs 8 wide, joints of radius 4, hand bones 2
+wide, hand points 4, face points 3), scaled with the frame's height. Strokes are drawn by distance to each segment
+(no anti-aliasing), so the pixels differ from DWPose's OpenCV drawing in the edges of strokes and the limbs' ends
+(OpenCV draws each limb as an ellipse), not in what is drawn where.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ class Strokes:
     A keypoint index may be a pair ``(i, j)``, which stands for the midpoint of keypoints ``i`` and ``j``."""
 
     def __init__(self, segments: list, dots: list):
-        self.segments = segments  # [(point, point, colour)]
-        self.dots = dots  # [(point, colour, radius scale)]
+        self.segments = segments  # [(point, point, colour, half width in DWPose pixels)]
+        self.dots = dots  # [(point, colour, radius in DWPose pixels)]
 
     @staticmethod
     def for_keypoints(num_keypoints: int) -> Strokes:
@@ -50,18 +52,18 @@ class Strokes:
                 (5, 6) if index is None else index for index in OPENPOSE_FROM_COCO
             ]
             dim = [tuple(int(c * 0.6) for c in colour) for colour in OPENPOSE_COLORS]
-            segments = [(body[a], body[b], dim[i]) for i, (a, b) in enumerate(OPENPOSE_LIMBS)]
-            dots = [(body[i], OPENPOSE_COLORS[i], 1.0) for i in range(18)]
+            segments = [(body[a], body[b], dim[i], 4.0) for i, (a, b) in enumerate(OPENPOSE_LIMBS)]
+            dots = [(body[i], OPENPOSE_COLORS[i], 4.0) for i in range(18)]
             if num_keypoints == 133:
                 for hand in (WHOLEBODY_LEFT_HAND, WHOLEBODY_RIGHT_HAND):
                     for i, (a, b) in enumerate(HAND_BONES):
                         rgb = colorsys.hsv_to_rgb(i / len(HAND_BONES), 1.0, 1.0)
-                        segments.append((hand[a], hand[b], tuple(int(255 * c) for c in rgb)))
-                    dots += [(hand[i], (0, 0, 255), 0.5) for i in range(21)]
-                dots += [(i, (255, 255, 255), 0.5) for i in WHOLEBODY_FACE]
+                        segments.append((hand[a], hand[b], tuple(int(255 * c) for c in rgb), 1.0))
+                    dots += [(hand[i], (0, 0, 255), 4.0) for i in range(21)]
+                dots += [(i, (255, 255, 255), 3.0) for i in WHOLEBODY_FACE]
             return Strokes(segments, dots)
         colours = [colorsys.hsv_to_rgb(i / num_keypoints, 1.0, 1.0) for i in range(num_keypoints)]
-        return Strokes([], [(i, tuple(int(255 * c) for c in rgb), 1.0) for i, rgb in enumerate(colours)])
+        return Strokes([], [(i, tuple(int(255 * c) for c in rgb), 4.0) for i, rgb in enumerate(colours)])
 
 
 def _points(pose: torch.Tensor, index) -> torch.Tensor:
@@ -70,14 +72,14 @@ def _points(pose: torch.Tensor, index) -> torch.Tensor:
     return pose[..., index, :]
 
 
-def render_skeleton(pose: torch.Tensor, height: int, width: int, stroke: float | None = None) -> torch.Tensor:
+def render_skeleton(pose: torch.Tensor, height: int, width: int, scale: float | None = None) -> torch.Tensor:
     """Keypoints ``[B, T, K, 2]`` (x, y in [0, 1]) → skeleton frames ``[B, T, 3, height, width]`` in [0, 1], black
-    background. ``stroke`` is the limb width in pixels (default: 4 at 512 pixels of height, as DWPose's)."""
+    background. ``scale`` multiplies DWPose's stroke sizes (default ``height / 512``, at least half a pixel)."""
     if pose.dim() != 4 or pose.shape[-1] != 2:
         raise ValueError(f"pose must be [batch, frames, keypoints, 2]; got {tuple(pose.shape)}")
     b, t, k, _ = pose.shape
     strokes = Strokes.for_keypoints(k)
-    stroke = stroke if stroke is not None else max(1.0, 4.0 * height / 512)
+    scale = scale if scale is not None else height / 512
     device = pose.device
     pose = pose.float() * torch.tensor([width, height], device=device, dtype=torch.float32)  # to pixels
     ys = torch.arange(height, device=device, dtype=torch.float32) + 0.5
@@ -96,10 +98,11 @@ def render_skeleton(pose: torch.Tensor, height: int, width: int, stroke: float |
             along = ((rel * d[:, :, None, None]).sum(-1) / length2).clamp(0, 1)
             distance = (rel - along[..., None] * d[:, :, None, None]).norm(dim=-1)
             colours = torch.tensor([s[2] for s in strokes.segments], device=device, dtype=torch.float32) / 255
-            canvas[frames] = _painted(canvas[frames], distance <= stroke / 2, colours)
+            half = torch.tensor([s[3] for s in strokes.segments], device=device).view(1, -1, 1, 1) * scale
+            canvas[frames] = _painted(canvas[frames], distance <= half.clamp(min=0.5), colours)
         if strokes.dots:
             centres = torch.stack([_points(points, dot[0]) for dot in strokes.dots], dim=1)  # [N, D, 2]
-            radius = torch.tensor([dot[2] for dot in strokes.dots], device=device).view(1, -1, 1, 1) * stroke
+            radius = (torch.tensor([dot[2] for dot in strokes.dots], device=device).view(1, -1, 1, 1) * scale).clamp(min=0.5)
             distance = (grid[None, None] - centres[:, :, None, None]).norm(dim=-1)
             colours = torch.tensor([dot[1] for dot in strokes.dots], device=device, dtype=torch.float32) / 255
             canvas[frames] = _painted(canvas[frames], distance <= radius, colours)
