@@ -215,7 +215,7 @@ def graded_videos(n: int) -> torch.Tensor:
 
 def hostile_judge(url: str, **options) -> OpenAIJudge:
     settings = dict(model="judge", base_url=url, api_key_env=KEY_ENV, timeout=0.5, http_retries=0, backoff=0.01,
-                    max_backoff=0.05, max_concurrency=1, num_frames=2, max_retries=0)  # fmt: skip
+                    max_backoff=0.05, max_concurrency=1, num_frames=2, max_retries=0, inputs=["video"])  # fmt: skip
     settings.update(options)
     return OpenAIJudge(**settings)
 

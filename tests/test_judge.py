@@ -188,7 +188,7 @@ def no_proxy(monkeypatch):
 
 def api_judge(url: str, **kwargs) -> OpenAIJudge:
     options = dict(model="big-judge", base_url=url, api_key_env="PREFALIGN_TEST_JUDGE_KEY", timeout=0.3,
-                   backoff=0.01, max_concurrency=1, num_frames=3, max_retries=2)
+                   backoff=0.01, max_concurrency=1, num_frames=3, max_retries=2, inputs=["video"])
     options.update(kwargs)
     return OpenAIJudge(**options)
 

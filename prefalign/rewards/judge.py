@@ -1,6 +1,12 @@
-"""Multimodal-LLM judges as rewards (FlowPortrait): a vision-language model rates sampled frames of each video for
-lip sync, expressiveness and motion quality, in process (``MLLMJudge``) or over an OpenAI-compatible endpoint
-(``OpenAIJudge``, e.g. a big judge served by vLLM or SGLang).
+"""Multimodal-LLM judges as rewards (FlowPortrait): an audio-visual (or vision-language) model rates each generated
+video for lip sync, expressiveness and motion quality, in process (``MLLMJudge``) or over an OpenAI-compatible
+endpoint (``OpenAIJudge``, e.g. Qwen2.5-Omni served by vLLM or SGLang).
+
+The judge receives what a person would (``inputs``): the video as a video, at ``fps`` frames per second (the clip's
+own rate by default, at most ``max_frames`` frames), the driving speech it must match, the reference photo of the
+person, and optionally the transcript (the manifest's ``text``). ``inputs: [video]`` with ``num_frames: 8`` is the
+image-only judge of evenly spaced stills. The prompt is a template file (``prompts/judge.txt``) with a rubric file
+per aspect (``prompts/<aspect>.txt``: 1-5 with an anchor for each level), each overridable by a path.
 
 Both share the prompt, the parser and the failure policy:
 
@@ -38,6 +44,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -136,6 +144,55 @@ def _check_number(name: str, value: object, allowed: str, low: float = 0.0, stri
         raise ValueError(f"{name} must be {allowed}; got {value!r}")
 
 
+#: What a judge can be given, in the order the request shows them: the reference photo, the video, the speech, the
+#: transcript (in the prompt's text).
+INPUTS = ("reference", "video", "audio", "text")
+#: The packaged prompt template and rubrics.
+PROMPTS = Path(__file__).with_name("prompts")
+#: The largest prompt or rubric file read (a prompt is a few KiB; the bound keeps a wrong path from filling memory).
+MAX_PROMPT_BYTES = 64 << 10
+
+
+@dataclass
+class JudgeSample:
+    """What one video's judge request holds: ``frames`` ``[n, H, W, 3]`` uint8 at ``fps``, the driving speech
+    (float32 ``[S]`` at ``sample_rate``), the reference photo ``[H, W, 3]`` uint8 and the transcript; each ``None``
+    where the judge's ``inputs`` leave it out."""
+
+    frames: np.ndarray
+    fps: float
+    audio: np.ndarray | None = None
+    sample_rate: int = 16000
+    reference: np.ndarray | None = None
+    text: str | None = None
+
+
+def read_prompt_file(path: str | Path, what: str) -> str:
+    """A prompt or rubric file's text (UTF-8, at most ``MAX_PROMPT_BYTES``), with a clear error naming it."""
+    path = Path(path).expanduser()
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_PROMPT_BYTES + 1)
+    except OSError as err:
+        raise ValueError(f"{what} {path}: cannot read it ({err.strerror or err})") from None
+    if len(data) > MAX_PROMPT_BYTES:
+        raise ValueError(f"{what} {path}: larger than {MAX_PROMPT_BYTES} bytes, not a prompt")
+    try:
+        return data.decode("utf-8").strip("\n")
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path}: not UTF-8 text") from None
+
+
+def frame_indices(count: int, video_fps: float, fps: float | None, max_frames: int) -> np.ndarray:
+    """Which of ``count`` frames at ``video_fps`` a judge sees at ``fps`` (``None``: every frame), at most
+    ``max_frames`` of them (evenly spaced over the clip when the rate would give more)."""
+    step = 1.0 if fps is None or fps >= video_fps else video_fps / fps
+    index = np.unique(np.round(np.arange(0.0, count - 1e-9, step)).astype(int))
+    if len(index) > max_frames:
+        index = np.unique(np.round(np.linspace(0, count - 1, max_frames)).astype(int))
+    return index
+
+
 def sample_frames(videos: torch.Tensor, num_frames: int) -> np.ndarray:
     """``num_frames`` evenly spaced frames of each video (first and last included), as uint8 images.
 
@@ -157,36 +214,97 @@ def sample_frames(videos: torch.Tensor, num_frames: int) -> np.ndarray:
 
 
 class _Judge(Reward):
-    """What both judges share: frame sampling, the prompt, the parser, the failure policy and the counts."""
+    """What both judges share: what the judge is given, the prompt, the parser, the failure policy and the counts.
+
+    Args (both judges):
+        inputs (Sequence[str]): what each request holds, of ``reference``, ``video``, ``audio``, ``text`` (the
+            transcript); ``video`` is always needed. The conditions must carry what is asked for (``audio``
+            ``[B, S]`` at ``sample_rate``, ``reference`` ``[B, 3, H, W]``, ``text`` a list of strings).
+        fps (float | None): video frames per second shown; ``None``: the clip's own rate (``video_fps``).
+        video_fps (float): the clips' frame rate (the data's ``fps``).
+        max_frames (int): at most this many frames per video (evenly spaced over the clip when ``fps`` would give
+            more).
+        num_frames (int | None): instead of ``fps``: exactly this many evenly spaced stills (the image-only judge).
+        sample_rate (int): the conditions' audio rate (the data's ``sample_rate``).
+        prompt (str | None): the whole instruction as a string (``{num_frames}`` and ``{fps}`` are filled in);
+            overrides ``prompt_file`` and the rubrics.
+        prompt_file (str | None): the instruction template: ``{media}`` (what the request holds, said by the
+            judge), ``{rubric}`` (the aspects' rubrics), ``{transcript}``, ``{num_frames}``, ``{fps}`` are filled in;
+            default ``prompts/judge.txt``.
+        rubrics (dict | None): ``{aspect: path}`` of rubric files replacing the packaged ones (``prompts/<aspect>.txt``,
+            which exist for the three default aspects).
+    """
 
     def __init__(
         self,
         aspects: Sequence[str],
         prompt: str | None,
-        num_frames: int,
+        num_frames: int | None,
         max_retries: int,
         retry_temperature: float,
         on_failure: Literal["neutral", "drop"],
         prefix: str,
+        inputs: Sequence[str] = ("reference", "video", "audio"),
+        fps: float | None = None,
+        video_fps: float = 25.0,
+        max_frames: int = 32,
+        sample_rate: int = 16000,
+        prompt_file: str | None = None,
+        rubrics: dict | None = None,
     ):
         if on_failure not in ("neutral", "drop"):
             raise ValueError(f"on_failure must be 'neutral' or 'drop'; got {on_failure!r}")
-        _check_int("num_frames", num_frames, 1, "an integer of at least 1")
+        if num_frames is not None:
+            _check_int("num_frames", num_frames, 1, "None (frames at `fps`) or an integer of at least 1")
+        _check_int("max_frames", max_frames, 1, "an integer of at least 1")
         _check_int("max_retries", max_retries, 0, "an integer of at least 0")
+        _check_int("sample_rate", sample_rate, 1, "an integer number of samples per second of at least 1")
         _check_number("retry_temperature", retry_temperature, "a finite number of at least 0")
+        _check_number("video_fps", video_fps, "a positive finite number of frames per second", strict=True)
+        if fps is not None:
+            _check_number("fps", fps, "None (the clip's rate) or a positive finite number", strict=True)
+        if isinstance(inputs, str) or not all(isinstance(item, str) for item in inputs or ()):
+            raise ValueError(f"inputs must be a list of {list(INPUTS)}; got {inputs!r}")
+        unknown = sorted(set(inputs) - set(INPUTS))
+        if unknown or "video" not in inputs or len(set(inputs)) != len(inputs):
+            raise ValueError(f"inputs must be distinct items of {list(INPUTS)}, `video` among them; got {list(inputs)}")
         if isinstance(aspects, str) or not aspects:
             raise ValueError(f"aspects must be a non-empty list of names; got {aspects!r}")
         if not all(isinstance(aspect, str) and aspect for aspect in aspects) or len(set(aspects)) != len(aspects):
             raise ValueError(f"aspects must be distinct non-empty names; got {list(aspects)!r}")
         if not isinstance(prefix, str):
             raise ValueError(f"prefix must be a string, e.g. 'judge/'; got {prefix!r}")
-        if prompt is None and tuple(aspects) != ASPECTS:
-            raise ValueError(
-                f"the default prompt asks for {list(ASPECTS)}; give a `prompt` for aspects {list(aspects)}"
-            )
+        if rubrics is not None and not isinstance(rubrics, dict):
+            raise ValueError(f"rubrics must map aspects to rubric files; got {type(rubrics).__name__}")
         self.aspects = list(aspects)
-        self.prompt = DEFAULT_PROMPT if prompt is None else prompt
+        self.inputs = [item for item in INPUTS if item in inputs]  # the request's order
+        if prompt is None and prompt_file is None and num_frames is not None and not rubrics:
+            # The image-only judge of stills, as it was: its one-paragraph prompt.
+            if tuple(aspects) != ASPECTS:
+                raise ValueError(f"the default prompt asks for {list(ASPECTS)}; give a `prompt` for aspects "
+                                 f"{list(aspects)}")
+            prompt = DEFAULT_PROMPT
+        self.prompt = prompt
+        self.template = None
+        self.rubric: dict[str, str] = {}
+        if prompt is None:
+            self.template = read_prompt_file(prompt_file or PROMPTS / "judge.txt", "prompt_file")
+            given = dict(rubrics or {})
+            if sorted(set(given) - set(aspects)):
+                raise ValueError(f"rubrics name aspects {sorted(set(given) - set(aspects))} the judge is not asked "
+                                 f"for ({self.aspects})")
+            missing = [a for a in aspects if a not in given and not (PROMPTS / f"{a}.txt").is_file()]
+            if missing and "{rubric}" in self.template:
+                raise ValueError(f"aspects {missing} have no packaged rubric: give `rubrics: {{aspect: path}}`, a "
+                                 "`prompt_file` without {rubric}, or a `prompt`")
+            for aspect in aspects:
+                if aspect in given or aspect not in missing:
+                    self.rubric[aspect] = read_prompt_file(given.get(aspect, PROMPTS / f"{aspect}.txt"), "rubric")
         self.num_frames = num_frames
+        self.fps = fps
+        self.video_fps = video_fps
+        self.max_frames = max_frames
+        self.sample_rate = sample_rate
         self.max_retries = max_retries
         self.retry_temperature = retry_temperature
         self.on_failure = on_failure
@@ -221,9 +339,85 @@ class _Judge(Reward):
             for key, value in counts.items():
                 self.stats[key] = self.stats.get(key, 0) + value
 
-    def _text(self, num_frames: int) -> str:
-        # A plain replace, not str.format: the prompt's literal JSON braces need no escaping.
-        return self.prompt.replace("{num_frames}", str(num_frames))
+    # --- what a request holds --------------------------------------------------------------------------------------
+    def samples(self, videos: torch.Tensor, cond: dict) -> list[JudgeSample]:
+        """Each video's request content: its frames at the judge's rate and what ``inputs`` asks of ``cond``."""
+        if self.num_frames is not None:
+            frames = sample_frames(videos, self.num_frames)
+            duration = videos.shape[1] / self.video_fps
+            fps = frames.shape[1] / duration
+        else:
+            sample_frames(videos[:, :1], 1)  # the shape and finiteness checks
+            index = frame_indices(videos.shape[1], self.video_fps, self.fps, self.max_frames)
+            if not torch.isfinite(videos).all():
+                raise ValueError("videos hold NaN or infinite values; a judge cannot rate them")
+            picked = videos[:, torch.as_tensor(index, device=videos.device)]
+            frames = picked.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 1, 3, 4, 2)
+            frames = frames.cpu().numpy()
+            fps = self.video_fps if len(index) < 2 else self.video_fps / float(np.mean(np.diff(index)))
+        b = videos.shape[0]
+        audio = reference = text = None
+        if "audio" in self.inputs:
+            audio = cond.get("audio")
+            if audio is None or not torch.is_tensor(audio) or audio.dim() != 2 or audio.shape[0] != b:
+                raise ValueError(f"this judge hears the speech (inputs {self.inputs}): the conditions need `audio` "
+                                 f"[{b}, samples]; got {None if audio is None else tuple(getattr(audio, 'shape', ()))}")
+            need = round(videos.shape[1] / self.video_fps * self.sample_rate)  # the clip's span of the speech
+            audio = audio[:, :need].detach().float().clamp(-1, 1).cpu().numpy()
+        if "reference" in self.inputs:
+            reference = cond.get("reference")
+            if reference is None or not torch.is_tensor(reference) or reference.dim() != 4 or reference.shape[0] != b:
+                raise ValueError(f"this judge sees the reference photo (inputs {self.inputs}): the conditions need "
+                                 f"`reference` [{b}, 3, H, W]")
+            reference = reference.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1)
+            reference = reference.cpu().numpy()
+        if "text" in self.inputs:
+            text = cond.get("text")
+            if isinstance(text, str):
+                text = [text] * b
+            if text is not None and (not isinstance(text, (list, tuple)) or len(text) != b):
+                raise ValueError(f"the conditions' `text` must be one transcript per video ({b}); got {type(text).__name__}")
+        return [
+            JudgeSample(
+                frames=frames[i],
+                fps=fps,
+                audio=None if audio is None else audio[i],
+                sample_rate=self.sample_rate,
+                reference=None if reference is None else reference[i],
+                text=None if text is None or text[i] is None else str(text[i]),
+            )
+            for i in range(b)
+        ]
+
+    def describe(self, sample: JudgeSample) -> str:
+        """What the request holds, in the order it holds it, for the prompt's ``{media}``."""
+        parts = []
+        if sample.reference is not None:
+            parts.append("First comes the reference photo of the person: the video animates this person.")
+        seconds = len(sample.frames) / sample.fps
+        parts.append(f"Then the generated video: {len(sample.frames)} frames at {sample.fps:g} frames per second "
+                     f"({seconds:.1f} s).")
+        if sample.audio is not None:
+            parts.append("Then the audio: the speech the face in the video must speak, in sync with its mouth. Judge "
+                         "lip sync against this speech.")
+        else:
+            parts.append("There is no audio: judge lip sync by whether the mouth moves like natural speech.")
+        return "\n".join(parts)
+
+    def _text(self, sample: JudgeSample) -> str:
+        """The instruction for one request. Plain replaces, not str.format: the template's JSON braces need no
+        escaping."""
+        fills = {"{num_frames}": str(len(sample.frames)), "{fps}": f"{sample.fps:g}"}
+        if self.prompt is not None:
+            text = self.prompt
+        else:
+            transcript = f'The speech says: "{sample.text}"\n' if sample.text else ""
+            fills.update({"{media}": self.describe(sample), "{transcript}": transcript,
+                          "{rubric}": "\n".join(self.rubric[a] for a in self.aspects if a in self.rubric)})
+            text = self.template
+        for key, value in fills.items():
+            text = text.replace(key, value)
+        return text
 
     def __getstate__(self) -> dict:
         return {key: value for key, value in self.__dict__.items() if key != "_lock"}
@@ -232,14 +426,14 @@ class _Judge(Reward):
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def _judge(self, frames: np.ndarray) -> tuple[list[dict[str, float] | None], list[str]]:
+    def _judge(self, samples: list[JudgeSample]) -> tuple[list[dict[str, float] | None], list[str]]:
         """Scores per video (``None`` where the judge gave no usable answer) and the reasons of the failures."""
         raise NotImplementedError
 
     def score(self, videos: torch.Tensor, cond: dict) -> dict[str, torch.Tensor]:
-        frames = sample_frames(videos, self.num_frames)
+        samples = self.samples(videos, cond)
         before = dict(self.stats)
-        results, reasons = self._judge(frames)
+        results, reasons = self._judge(samples)
         after = dict(self.stats)
         delta = {key: after[key] - before.get(key, 0) for key in after}
         counts = ", ".join(f"{key} {value}" for key, value in delta.items())
@@ -343,13 +537,21 @@ class MLLMJudge(_Judge):
         batch_size: int | None = None,
         aspects: Sequence[str] = ASPECTS,
         prompt: str | None = None,
-        num_frames: int = 8,
+        num_frames: int | None = 8,
         max_retries: int = 2,
         retry_temperature: float = 0.7,
         on_failure: Literal["neutral", "drop"] = "neutral",
         prefix: str = "judge/",
+        inputs: Sequence[str] = ("video",),
+        fps: float | None = None,
+        video_fps: float = 25.0,
+        max_frames: int = 32,
+        sample_rate: int = 16000,
+        prompt_file: str | None = None,
+        rubrics: dict | None = None,
     ):
-        super().__init__(aspects, prompt, num_frames, max_retries, retry_temperature, on_failure, prefix)
+        super().__init__(aspects, prompt, num_frames, max_retries, retry_temperature, on_failure, prefix, inputs, fps,
+                         video_fps, max_frames, sample_rate, prompt_file, rubrics)
         _check_int("max_new_tokens", max_new_tokens, 1, "an integer of at least 1")
         if batch_size is not None:
             _check_int("batch_size", batch_size, 1, "None (all videos of a call at once) or an integer of at least 1")
@@ -397,8 +599,11 @@ class MLLMJudge(_Judge):
         return (f"{type(self).__name__}(model={type(self.model).__name__}, aspects={self.aspects}, "
                 f"num_frames={self.num_frames}, on_failure={self.on_failure!r})")
 
-    def _chat_text(self, num_frames: int) -> str:
-        prompt = self._text(num_frames)
+    def _chat_text(self, sample: JudgeSample | int) -> str:
+        if isinstance(sample, int):  # a request of that many stills
+            sample = JudgeSample(frames=np.zeros((sample, 1, 1, 3), np.uint8), fps=self.video_fps)
+        num_frames = len(sample.frames)
+        prompt = self._text(sample)
         messages = [{"role": "user", "content": [{"type": "image"}] * num_frames + [{"type": "text", "text": prompt}]}]
         for owner in (self.processor, self.tokenizer):
             if getattr(owner, "chat_template", None):
@@ -407,13 +612,16 @@ class MLLMJudge(_Judge):
         return f"<|im_start|>user\n{images}{prompt}<|im_end|>\n<|im_start|>assistant\n"
 
     @torch.no_grad()
-    def _generate(self, frames: np.ndarray, temperature: float) -> list[str]:
+    def _generate(self, samples: list[JudgeSample] | np.ndarray, temperature: float) -> list[str]:
         from PIL import Image
         from transformers import GenerationConfig
 
+        if isinstance(samples, np.ndarray):  # stills [B, n, H, W, 3]
+            samples = [JudgeSample(frames=video, fps=self.video_fps) for video in samples]
         self.model.eval()
         param = next(self.model.parameters())
-        text = self._chat_text(frames.shape[1])
+        frames = np.stack([sample.frames for sample in samples])
+        text = self._chat_text(samples[0])
         images = [Image.fromarray(frame) for video in frames for frame in video]
         inputs = self.processor(text=[text] * len(frames), images=images, padding=True, return_tensors="pt")
         inputs = {k: v.to(param.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
@@ -437,11 +645,11 @@ class MLLMJudge(_Judge):
             self.model.to(videos.device)
         return super().score(videos, cond)
 
-    def _judge(self, frames: np.ndarray) -> tuple[list[dict[str, float] | None], list[str]]:
-        results: list[dict[str, float] | None] = [None] * len(frames)
-        pending = list(range(len(frames)))
+    def _judge(self, samples: list[JudgeSample]) -> tuple[list[dict[str, float] | None], list[str]]:
+        results: list[dict[str, float] | None] = [None] * len(samples)
+        pending = list(range(len(samples)))
         last: dict[int, str] = {}
-        chunk = self.batch_size or max(len(frames), 1)
+        chunk = self.batch_size or max(len(samples), 1)
         for attempt in range(self.max_retries + 1):
             if not pending:
                 break
@@ -451,7 +659,7 @@ class MLLMJudge(_Judge):
             still = []
             for start in range(0, len(pending), chunk):
                 rows = pending[start:start + chunk]
-                answers = self._generate(frames[rows], temperature)
+                answers = self._generate([samples[row] for row in rows], temperature)
                 self._count(requests=len(rows))
                 for row, answer in zip(rows, answers):
                     results[row] = parse_scores(answer, self.aspects)
@@ -470,8 +678,12 @@ class _RequestFailed(Exception):
 class OpenAIJudge(_Judge):
     """A judge behind an OpenAI-compatible chat-completions endpoint (vLLM, SGLang, or a hosted API).
 
-    Each video is one request: ``POST {base_url}/chat/completions`` with the frames as base64 PNG ``image_url``
-    parts followed by the prompt, ``temperature`` 0 (``retry_temperature`` on retries) and ``max_tokens``. Up to
+    Each video is one request: ``POST {base_url}/chat/completions`` with one user message holding, in order, the
+    reference photo (a PNG ``image_url`` data URL), the video (``video_as``: ``video_url``, a data URL of an mp4 at
+    the judge's frame rate, as vLLM documents for Qwen2.5-Omni and Qwen2.5-VL; or ``frames``, one PNG ``image_url``
+    per frame, for servers without video), the speech (``audio_as``: ``input_audio``, base64 16-bit PCM wav with
+    ``format: wav``, OpenAI's and vLLM's part; or ``audio_url``, a wav data URL), then the prompt; each only where
+    ``inputs`` asks for it. ``temperature`` 0 (``retry_temperature`` on retries) and ``max_tokens``. Up to
     ``max_concurrency`` requests are in flight at once. Timeouts, connection errors, 429 and 5xx are retried
     ``http_retries`` times with exponential backoff (``backoff * 2**k`` seconds, at most ``max_backoff``; a 429's
     ``Retry-After`` when it says more); another 4xx is not retried. A request given up on fails its video (scored
@@ -506,7 +718,12 @@ class OpenAIJudge(_Judge):
         extra_body (dict | None): more fields of the request, e.g. ``{"response_format": {"type": "json_object"}}``
             (not ``model``, ``messages``, ``temperature`` or ``max_tokens``: the options above set them).
         max_answer_bytes (int): the largest answer read, in bytes (see ``MAX_ANSWER_BYTES``).
+        video_as (str): ``video_url`` (an mp4 data URL) or ``frames`` (ordered ``image_url`` parts).
+        audio_as (str): ``input_audio`` (base64 wav) or ``audio_url`` (a wav data URL).
         aspects, prompt, num_frames, max_retries, retry_temperature, on_failure, prefix: as in ``MLLMJudge``.
+        inputs, fps, video_fps, max_frames, sample_rate, prompt_file, rubrics: what the judge is given and asked
+            (see the module's docstring); by default the reference, the video at the clip's rate (at most 32
+            frames) and the speech.
     """
 
     def __init__(
@@ -522,15 +739,31 @@ class OpenAIJudge(_Judge):
         max_tokens: int = 64,
         extra_body: dict | None = None,
         max_answer_bytes: int = MAX_ANSWER_BYTES,
+        video_as: Literal["video_url", "frames"] = "video_url",
+        audio_as: Literal["input_audio", "audio_url"] = "input_audio",
         aspects: Sequence[str] = ASPECTS,
         prompt: str | None = None,
-        num_frames: int = 8,
+        num_frames: int | None = None,
         max_retries: int = 2,
         retry_temperature: float = 0.7,
         on_failure: Literal["neutral", "drop"] = "neutral",
         prefix: str = "judge/",
+        inputs: Sequence[str] = ("reference", "video", "audio"),
+        fps: float | None = None,
+        video_fps: float = 25.0,
+        max_frames: int = 32,
+        sample_rate: int = 16000,
+        prompt_file: str | None = None,
+        rubrics: dict | None = None,
     ):
-        super().__init__(aspects, prompt, num_frames, max_retries, retry_temperature, on_failure, prefix)
+        super().__init__(aspects, prompt, num_frames, max_retries, retry_temperature, on_failure, prefix, inputs, fps,
+                         video_fps, max_frames, sample_rate, prompt_file, rubrics)
+        if video_as not in ("video_url", "frames"):
+            raise ValueError(f"video_as must be 'video_url' (an mp4 data URL) or 'frames' (image parts); got {video_as!r}")
+        if audio_as not in ("input_audio", "audio_url"):
+            raise ValueError(f"audio_as must be 'input_audio' (base64 wav) or 'audio_url' (a data URL); got {audio_as!r}")
+        self.video_as = video_as
+        self.audio_as = audio_as
         if not isinstance(model, str) or not model:
             raise ValueError(f"model must be the served model's name; got {model!r}")
         url = urllib.parse.urlsplit(base_url) if isinstance(base_url, str) else None
@@ -580,9 +813,27 @@ class OpenAIJudge(_Judge):
         """A reason without the key, on one line (a server's text may hold line breaks to forge log lines)."""
         return re.sub(r"[\x00-\x1f\x7f]+", " ", redact(text, extra=(os.environ.get(self.api_key_env),)))
 
-    def _body(self, images: list[str], temperature: float) -> bytes:
-        content = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}} for image in images]
-        content.append({"type": "text", "text": self._text(len(images))})
+    def content(self, sample: JudgeSample) -> list[dict]:
+        """The user message's parts for one video: reference, video, speech (as ``inputs`` asks), then the prompt."""
+        parts = []
+        if sample.reference is not None:
+            parts.append({"type": "image_url", "image_url": {"url": f"data:image/png;base64,{_png_base64(sample.reference)}"}})
+        if self.video_as == "video_url" and self.num_frames is None:
+            url = f"data:video/mp4;base64,{_mp4_base64(sample.frames, sample.fps)}"
+            parts.append({"type": "video_url", "video_url": {"url": url}})
+        else:
+            parts += [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{_png_base64(frame)}"}}
+                      for frame in sample.frames]  # fmt: skip
+        if sample.audio is not None:
+            wav = _wav_base64(sample.audio, sample.sample_rate)
+            if self.audio_as == "input_audio":
+                parts.append({"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}})
+            else:
+                parts.append({"type": "audio_url", "audio_url": {"url": f"data:audio/wav;base64,{wav}"}})
+        parts.append({"type": "text", "text": self._text(sample)})
+        return parts
+
+    def _body(self, content: list[dict], temperature: float) -> bytes:
         body = {
             **self.extra_body,
             "model": self.model,
@@ -648,13 +899,13 @@ class OpenAIJudge(_Judge):
             raise http.client.IncompleteRead(payload, response.length)
         return payload
 
-    def _judge_one(self, frames: np.ndarray) -> tuple[dict[str, float] | None, str]:
-        images = [_png_base64(frame) for frame in frames]
+    def _judge_one(self, sample: JudgeSample) -> tuple[dict[str, float] | None, str]:
+        content = self.content(sample)  # encoded once, sent again on retries
         reason = ""
         for attempt in range(self.max_retries + 1):
             if attempt:
                 self._count(retries=1)
-            body = self._body(images, self.retry_temperature if attempt else 0.0)
+            body = self._body(content, self.retry_temperature if attempt else 0.0)
             try:
                 answer = self._post(body)
             except _RequestFailed as err:
@@ -668,9 +919,9 @@ class OpenAIJudge(_Judge):
         self._count(failures=1)
         return None, reason
 
-    def _judge(self, frames: np.ndarray) -> tuple[list[dict[str, float] | None], list[str]]:
+    def _judge(self, samples: list[JudgeSample]) -> tuple[list[dict[str, float] | None], list[str]]:
         with concurrent.futures.ThreadPoolExecutor(self.max_concurrency, thread_name_prefix="judge") as pool:
-            outcomes = list(pool.map(self._judge_one, frames))
+            outcomes = list(pool.map(self._judge_one, samples))
         return [scores for scores, _ in outcomes], [reason for scores, reason in outcomes if scores is None]
 
 
@@ -805,4 +1056,35 @@ def _png_base64(frame: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-__all__ = ["ASPECTS", "DEFAULT_PROMPT", "MLLMJudge", "OpenAIJudge", "parse_scores", "sample_frames"]
+def _wav_base64(audio: np.ndarray, sample_rate: int) -> str:
+    """Mono float audio in [-1, 1] as a base64 16-bit PCM wav file."""
+    import wave
+
+    pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767).astype("<i2")
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(sample_rate)
+        handle.writeframes(pcm.tobytes())
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _mp4_base64(frames: np.ndarray, fps: float) -> str:
+    """Frames ``[n, H, W, 3]`` uint8 as a base64 mp4 (H.264 where PyAV has it; odd sizes lose their last row or
+    column, as yuv420p needs even ones)."""
+    import tempfile
+
+    from prefalign.data.media import write_video
+
+    h, w = frames.shape[1] // 2 * 2, frames.shape[2] // 2 * 2
+    if h == 0 or w == 0:
+        raise ValueError(f"frames of {frames.shape[1]}x{frames.shape[2]} pixels are too small for a video")
+    with tempfile.TemporaryDirectory(prefix="prefalign-judge-") as folder:
+        path = Path(folder) / "video.mp4"
+        write_video(path, np.ascontiguousarray(frames[:, :h, :w]), fps)
+        return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+__all__ = ["ASPECTS", "DEFAULT_PROMPT", "INPUTS", "JudgeSample", "MLLMJudge", "OpenAIJudge", "parse_scores",
+           "sample_frames"]
