@@ -1031,9 +1031,10 @@ def same_sampler_check(bench: Bench, batch: dict) -> tuple[float, int]:
 
 
 @contextlib.contextmanager
-def judge_server(delay: float):
+def judge_server(delay: float, sizes: list | None = None):
     """A stand-in for a served MLLM judge on loopback: an OpenAI-compatible chat-completions endpoint that answers
-    every request after ``delay`` seconds with the same valid scores. Yields its API root (``.../v1``)."""
+    every request after ``delay`` seconds with the same valid scores (and appends each request's body size in bytes
+    to ``sizes``, when given). Yields its API root (``.../v1``)."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     answer = json.dumps(
@@ -1053,7 +1054,9 @@ def judge_server(delay: float):
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if sizes is not None:
+                sizes.append(len(body))
             time.sleep(delay)  # the judge model at work
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -1093,6 +1096,8 @@ def judge_step(url: str, videos: torch.Tensor, batched: bool, judges: dict) -> S
         http_retries=0,
         max_retries=0,
         max_concurrency=JUDGE_CONCURRENCY if batched else 1,
+        inputs=["video"],  # the image-only judge of stills: batching is what this figure measures
+        num_frames=8,
     )
     judges["batched" if batched else "one by one"] = judge
 
@@ -1733,6 +1738,105 @@ def checkpoint_save(bench: Bench) -> Figure:
     return figure
 
 
+# --- figure 8: what a judge request costs with the speech and the video in it ---------------------------------------
+REAL_GRPO_RECIPE = ROOT / "recipes" / "grpo_flowportrait.yaml"
+#: The real-scale clip a request carries: 49 frames of 480x832 at 25 fps, with its 1.96 s of 16 kHz speech.
+JUDGE_CLIP = {"frames": 49, "height": 480, "width": 832, "fps": 25.0, "sample_rate": 16000}
+
+
+def real_scale_clips(n: int) -> tuple[torch.Tensor, dict]:
+    """``n`` synthetic clips at the real recipes' size, smooth and moving (what a codec sees in a portrait), with
+    speech-like audio and a reference photo."""
+    c = JUDGE_CLIP
+    g = torch.Generator().manual_seed(0)
+    y = torch.linspace(0, 1, c["height"]).view(1, 1, 1, -1, 1)
+    x = torch.linspace(0, 1, c["width"]).view(1, 1, 1, 1, -1)
+    t = torch.arange(c["frames"]).view(1, -1, 1, 1, 1) / c["fps"]
+    phase = torch.rand(n, 1, 3, 1, 1, generator=g) * 6
+    videos = 0.5 + 0.4 * torch.sin(9 * x + 5 * y + 3 * t + phase)
+    samples = round(c["frames"] / c["fps"] * c["sample_rate"])
+    audio = 0.2 * torch.sin(torch.arange(samples) * 0.07).expand(n, -1) * torch.rand(n, 1, generator=g)
+    return videos, {"audio": audio, "reference": videos[:, 0]}
+
+
+def judge_request_step(url: str, videos: torch.Tensor, cond: dict, options: dict, judges: dict, name: str) -> Step:
+    """One GRPO step's judge calls for ``videos``: ``OpenAIJudge.score`` with ``options``; nothing re-sent."""
+    from prefalign.rewards import OpenAIJudge
+
+    judge = OpenAIJudge(
+        model="benchmark-judge", base_url=url, api_key_env=JUDGE_KEY_ENV, timeout=60.0, http_retries=0,
+        max_retries=0, max_concurrency=JUDGE_CONCURRENCY, video_fps=JUDGE_CLIP["fps"],
+        sample_rate=JUDGE_CLIP["sample_rate"], **options,
+    )  # fmt: skip
+    judges[name] = judge
+    return Step(lambda: judge.score(videos, cond), None, [])
+
+
+def judge_request(bench: Bench) -> Figure:
+    """Figure 8: the cost of a judge that hears: requests with the reference, the video (an mp4 at the clip's rate)
+    and the speech, against the image-only judge's 8 stills, over the loopback API."""
+    grpo = read_recipe(ROOT / "recipes" / "algorithms" / "grpo.yaml")["init_args"]
+    recipe = read_recipe(REAL_GRPO_RECIPE)
+    judge_args = grpo["reward"]["init_args"]["terms"][0]["init_args"]
+    gpus = recipe["trainer"]["devices"] * recipe["trainer"].get("num_nodes", 1)
+    per_step = grpo["group_size"] * recipe["data"]["batch_size"] * gpus
+    stills, heard = "image-only: 8 stills", "audio-visual: reference + video + speech"
+    n = JUDGE_CONCURRENCY
+    figure = Figure(
+        name="judge_request",
+        title="The judge that hears: request size and throughput, audio-visual vs. image-only",
+        description=(
+            f"`OpenAIJudge.score` on {n} synthetic clips at the real recipes' size ({JUDGE_CLIP['frames']} frames of "
+            f"{JUDGE_CLIP['height']}×{JUDGE_CLIP['width']} at {JUDGE_CLIP['fps']:g} fps, smooth moving patterns, "
+            f"{JUDGE_CLIP['frames'] / JUDGE_CLIP['fps']:.2f} s of 16 kHz speech-like audio, the first frame as the "
+            f"reference), `max_concurrency={JUDGE_CONCURRENCY}`, against the loopback chat-completions server of "
+            f"`grpo_step` answering after {1e3 * JUDGE_DELAY_S:.0f} ms. **{stills}** (baseline): `inputs: [video]`, "
+            f"`num_frames: 8`, PNG `image_url` parts (the image-only overlay). **{heard}**: the settings of "
+            f"recipes/algorithms/grpo.yaml (`inputs: {judge_args.get('inputs')}`, `max_frames: "
+            f"{judge_args.get('max_frames', 32)}`, `video_as: {judge_args.get('video_as')}`, `audio_as: "
+            f"{judge_args.get('audio_as')}`): the reference as PNG, the video as an mp4 `video_url` (x264 CRF 18, "
+            "veryfast), the speech as a base64 wav `input_audio`. A step scores the clips; the time is the client's "
+            "side (sampling, encoding, HTTP) plus the server's fixed delay, not a real judge model's."
+        ),
+        baseline=stills,
+        columns={"request_kib": "request (KiB)", "requests_per_s": "requests/s"},
+    )
+    videos, cond = real_scale_clips(n)
+    sizes: dict[str, list] = {stills: [], heard: []}
+    judges: dict = {}
+    os.environ[JUDGE_KEY_ENV] = "benchmark-dummy-key"
+    for name in ("no_proxy", "NO_PROXY"):
+        os.environ[name] = ",".join(filter(None, [os.environ.get(name), "127.0.0.1"]))
+    options = {
+        stills: {"inputs": ["video"], "num_frames": 8},
+        heard: {k: judge_args[k] for k in ("inputs", "max_frames", "video_as", "audio_as") if k in judge_args},
+    }
+    with judge_server(JUDGE_DELAY_S, sizes[stills]) as url_stills, judge_server(JUDGE_DELAY_S, sizes[heard]) as url_heard:
+        urls = {stills: url_stills, heard: url_heard}
+        bench.compare(figure, {name: (lambda name=name: judge_request_step(urls[name], videos, cond, options[name],
+                                                                            judges, name)) for name in (stills, heard)})
+    if bench.probing:
+        return figure
+    failed = {name: judge.stats for name, judge in judges.items() if judge.stats["failures"]}
+    if failed:
+        raise RuntimeError(f"judge_request: the judge got no answer for some videos: {failed}")
+    for row in figure.rows:
+        name = row["variant"]
+        row["request_kib"] = statistics.mean(sizes[name]) / 1024
+        row["requests_per_s"] = n / (1e-3 * row["median_ms"])
+    rows = {row["variant"]: row for row in figure.rows}
+    for name in (stills, heard):
+        seconds = per_step / rows[name]["requests_per_s"]
+        mib = per_step * rows[name]["request_kib"] / 1024
+        figure.notes.append(
+            f"{name}: at the recipe's GRPO step ({grpo['group_size']} rollouts × batch {recipe['data']['batch_size']} × "
+            f"{gpus} GPUs = {per_step} judged videos) this is {mib:.0f} MiB of requests and {seconds:.1f} s of "
+            f"client time per step at these rates (spread over the {gpus} ranks: {seconds / gpus:.1f} s each), "
+            "before the judge model's own time."
+        )
+    return figure
+
+
 FIGURES: list[Callable[[Bench], Figure]] = [
     sft_step,
     dpo_step,
@@ -1741,6 +1845,7 @@ FIGURES: list[Callable[[Bench], Figure]] = [
     refree_step,
     data_step,
     checkpoint_save,
+    judge_request,
 ]
 
 

@@ -21,6 +21,7 @@ from prefalign.data.datamodule import PortraitDataModule
 from prefalign.data.synthetic import synth
 from prefalign.denoisers.hallo4 import convert_command as convert_hallo4
 from prefalign.hub import push_command
+from prefalign.judge_eval import judge_eval_command
 from prefalign.module import AlignmentModule, export_denoiser_weights
 from prefalign.pairs import import_labels, sample_pairs
 from prefalign.secrets import redact_every_log_record, scrubbing
@@ -45,6 +46,7 @@ COMMANDS: dict[str, Callable | dict[str, Callable]] = {
     "export": export,
     "pairs": sample_pairs,
     "labels": import_labels,
+    "judge-eval": judge_eval_command,
     "push": push_command,
     "preprocess": preprocess_command,
     "convert": {"hallo4": convert_hallo4},

