@@ -43,7 +43,7 @@ from prefalign.data import media
 from prefalign.data.errors import DataError
 from prefalign.data.schema import Manifest
 from prefalign.files import atomic_write
-from prefalign.pairs import VOTES, _read_label_rows
+from prefalign.pairs import _read_label_rows, check_label_row, row_votes
 from prefalign.rewards.base import Reward
 from prefalign.secrets import redact
 
@@ -299,24 +299,8 @@ def parse_labels(numbered: list[tuple[int, dict]], mapping: dict[str, str],
     manifest = Manifest(source=labels, rows=[row for _, row in numbered], root=Path(labels).resolve().parent)
     pairs, videos = [], {}
     for number, row in numbered:
-        for column in ("video_a", "video_b"):
-            if not row.get(column):
-                raise DataError(f"line {number} has no '{column}'", path=labels, field=column)
-        for column in ("video_a", "video_b", "audio", "reference", "pose", "text"):
-            value = row.get(column)
-            if value is not None and not (isinstance(value, str) and value.strip()):
-                what = "a file path" if column != "text" else "text"
-                raise DataError(f"line {number}: '{column}' must be {what} (a non-empty string), got "
-                                f"{json.dumps(value)[:80]}", path=labels, field=column)
-        votes = {}
-        for aspect in mapping:
-            value = row.get(aspect)
-            if value is None:
-                continue
-            if not isinstance(value, str) or value not in VOTES:  # a list or a dict is not even hashable
-                raise DataError(f"line {number}: expected one of a, b, tie; got {json.dumps(value)[:80]}",
-                                path=labels, field=aspect)
-            votes[aspect] = VOTES[value]
+        check_label_row(row, number, labels)
+        votes = row_votes(row, list(mapping), number, labels)
         if not votes:
             continue
         conditions = {column: _path(manifest, row.get(column)) for column in ("audio", "reference", "pose")}

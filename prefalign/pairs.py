@@ -160,6 +160,34 @@ def sample_pairs(
     return path
 
 
+def check_label_row(row: dict, number: int, labels: str) -> None:
+    """A judgement row names ``video_a`` and ``video_b``; its paths and text are non-empty strings (``DataError``
+    naming the file, the line and the field otherwise)."""
+    for column in ("video_a", "video_b"):
+        if not row.get(column):
+            raise DataError(f"line {number} has no '{column}'", path=labels, field=column)
+    for column in ("video_a", "video_b", "audio", "reference", "pose", "text"):
+        value = row.get(column)
+        if value is not None and not (isinstance(value, str) and value.strip()):
+            what = "a file path" if column != "text" else "text"
+            raise DataError(f"line {number}: '{column}' must be {what} (a non-empty string), got "
+                            f"{json.dumps(value)[:80]}", path=labels, field=column)
+
+
+def row_votes(row: dict, aspects: list[str], number: int, labels: str) -> dict[str, int]:
+    """A row's votes on ``aspects`` (``a`` → 1, ``b`` → -1, ``tie`` → 0; an absent aspect is not judged)."""
+    votes = {}
+    for aspect in aspects:
+        value = row.get(aspect)
+        if value is None:
+            continue
+        if not isinstance(value, str) or value not in VOTES:  # a list or a dict is not even hashable
+            raise DataError(f"line {number}: expected one of a, b, tie; got {json.dumps(value)[:80]}",
+                            path=labels, field=aspect)
+        votes[aspect] = VOTES[value]
+    return votes
+
+
 def import_labels(labels: str, out: str, aspects: Optional[list[str]] = None) -> Path:
     """Turn human judgements of two videos into a pairs manifest with per-aspect labels (as Hallo4 curates them).
 
@@ -182,27 +210,11 @@ def import_labels(labels: str, out: str, aspects: Optional[list[str]] = None) ->
     manifest = Manifest(source=labels, rows=rows, root=source.resolve().parent)
     pairs, ties = [], 0
     for index, (number, row) in enumerate(numbered):
-        for column in ("video_a", "video_b"):
-            if not row.get(column):
-                raise DataError(f"line {number} has no '{column}'", path=labels, field=column)
-        for column in ("video_a", "video_b", "audio", "reference", "pose", "text"):
-            value = row.get(column)
-            if value is not None and not (isinstance(value, str) and value.strip()):
-                what = "a file path" if column != "text" else "text"
-                raise DataError(f"line {number}: '{column}' must be {what} (a non-empty string), got "
-                                f"{json.dumps(value)[:80]}", path=labels, field=column)
+        check_label_row(row, number, labels)
         if row.get("id") is not None and not isinstance(row["id"], (str, int)):
             raise DataError(f"line {number}: 'id' must be a string or an integer, got {json.dumps(row['id'])[:80]}",
                             path=labels, field="id")
-        votes = {}
-        for aspect in aspects + ["overall"]:
-            value = row.get(aspect)
-            if value is None:
-                continue
-            if not isinstance(value, str) or value not in VOTES:  # a list or a dict is not even hashable
-                raise DataError(f"line {number}: expected one of a, b, tie; got {json.dumps(value)[:80]}",
-                                path=labels, field=aspect)
-            votes[aspect] = VOTES[value]
+        votes = row_votes(row, aspects + ["overall"], number, labels)
         if not votes:
             raise DataError(f"line {number} judges none of {aspects + ['overall']}", path=labels, field=aspects[0])
         winner = votes.get("overall", sum(v for k, v in votes.items() if k != "overall"))
