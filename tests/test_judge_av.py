@@ -284,3 +284,24 @@ def test_bad_prompt_options_are_refused_naming_the_file(tmp_path):
         judge("http://127.0.0.1:9/v1", video_as="gif")
     with pytest.raises(ValueError, match="audio_as"):
         judge("http://127.0.0.1:9/v1", audio_as="mp3")
+
+
+@pytest.mark.slow
+def test_a_real_openai_compatible_server_accepts_the_audio_visual_request():
+    """Against a real server (vLLM or SGLang serving an Omni model), when one is given: every request accepted (no
+    HTTP error) and every video scored or judged unusable by the failure policy, never an error."""
+    import os
+
+    url, model = os.environ.get("PREFALIGN_JUDGE_SERVER_URL"), os.environ.get("PREFALIGN_JUDGE_SERVER_MODEL")
+    if not url or not model:
+        pytest.skip(
+            "no real judge server: set PREFALIGN_JUDGE_SERVER_URL and PREFALIGN_JUDGE_SERVER_MODEL (e.g. `vllm serve "
+            "Qwen/Qwen2.5-Omni-7B` on a GPU). None can start on the CPU CI machine: vLLM's PyPI wheel (0.34.0) is a "
+            "CUDA build that pins torch 2.14 with torchvision, torchaudio and torchcodec (CUDA-only here), and its CPU "
+            "backend is built from source only."
+        )
+    videos, cond = clips(n=2)
+    j = judge(url, model=model, timeout=300.0, api_key_env="PREFALIGN_JUDGE_SERVER_KEY", max_retries=2)
+    terms = j.score(videos, cond)
+    assert j.stats["http_errors"] == 0, j.stats  # the server took the parts as sent
+    assert terms["judge/lip_sync"].shape == (2,) and torch.isfinite(terms["judge/lip_sync"]).all()

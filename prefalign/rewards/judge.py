@@ -460,22 +460,83 @@ class _Judge(Reward):
         return sum(terms[name] for name in self.aspect_terms), terms
 
 
-class _ImagesOnlyProcessor:
-    """What ``Qwen2_5_VLProcessor`` does for images, built from its tokenizer and image processor.
+class _MinimalProcessor:
+    """What the processor of a Qwen judge does for its requests (images, videos, audio), built from the model's
+    tokenizer, its PIL image processor and its Whisper feature extractor.
 
-    transformers 5.x cannot build a Qwen2-VL-family processor without torchvision, even for images only: it
-    always loads the torchvision-only video processor (huggingface/transformers#48558). The tokenizer and the
-    PIL image processor need no torchvision, so this does the processor's part: each image placeholder is
-    repeated once per merged patch, and ``mm_token_type_ids`` marks the image tokens (the model computes its
-    3D rotary positions from it).
+    transformers 5.x cannot build a Qwen2-VL-family or Qwen-Omni processor without torchvision, even for images
+    only: it always loads the torchvision-only video processor (huggingface/transformers#48558). The tokenizer, the
+    PIL image processor and ``WhisperFeatureExtractor`` need no torchvision, so this does the processor's part, as
+    transformers 5.23's ``Qwen2_5_VLProcessor``, ``Qwen2_5OmniProcessor`` and ``Qwen3OmniMoeProcessor`` do it
+    (Qwen3-VL: images only, its processor writes a timestamp per temporal patch of a video, which this does not):
+
+    - images: the image processor's patches, each image placeholder repeated once per merged patch (t·h·w / merge²);
+    - videos: each frame resized and normalised by the image processor at the video size of the model's processor
+      class (its ``videos_kwargs["size"]``: 128 to 768 merged patches a frame for Qwen-Omni; the image processor's
+      own size for Qwen2.5-VL), consecutive frames paired into temporal patches laid out as Qwen2-VL's video
+      processor lays them out (a patch is ``[C, temporal_patch_size, P, P]`` flattened; patches in order of time,
+      merge window, place in the window; an odd last frame repeated), the placeholder repeated t·h·w / merge² times,
+      and the seconds per temporal patch, ``temporal_patch_size / fps``, that the time-aligned rotary positions
+      need (``video_second_per_grid``; ``second_per_grid_ts`` for Qwen2.5-VL);
+    - audio (Omni): Whisper log-mel ``input_features`` with their ``feature_attention_mask`` (padded to the
+      extractor's ``n_samples`` for Qwen2.5-Omni, to the longest clip for Qwen3-Omni), the placeholder repeated once
+      per token the audio tower makes of that many feature frames (``audio_tokens``);
+    - ``mm_token_type_ids`` for the VL models (1 on image tokens, 2 on video tokens: their 3D rotary positions come
+      from it; the Omni thinkers find their placeholders themselves).
+
+    Args:
+        tokenizer: the model's tokenizer; placeholder tokens it names (``image_token``, ``audio_bos_token`` ...)
+            are used, the family's defaults otherwise.
+        image_processor: the model's PIL image processor (``Qwen2VLImageProcessorPil``).
+        feature_extractor: the model's audio feature extractor (``WhisperFeatureExtractor``), for a model that hears.
+        model_type (str): the model config's ``model_type``; unknown types are treated as a VL model without videos.
     """
 
-    def __init__(self, tokenizer, image_processor):
+    VL_TOKENS = {"vision_bos_token": "<|vision_start|>", "image_token": "<|image_pad|>",
+                 "video_token": "<|video_pad|>", "vision_eos_token": "<|vision_end|>"}  # fmt: skip
+    #: Per model type: its processor class (the video size is read from it), its placeholder tokens (where the
+    #: tokenizer does not name them), the key of the seconds per temporal patch (``None``: no videos) and whether
+    #: the model takes ``mm_token_type_ids``.
+    FAMILIES = {
+        "qwen2_5_vl": ("Qwen2_5_VLProcessor", VL_TOKENS, "second_per_grid_ts", True),
+        "qwen3_vl": ("Qwen3VLProcessor", VL_TOKENS, None, True),
+        "qwen3_vl_moe": ("Qwen3VLProcessor", VL_TOKENS, None, True),
+        "qwen2_5_omni_thinker": (
+            "Qwen2_5OmniProcessor",
+            {"vision_bos_token": "<|vision_bos|>", "image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>",
+             "vision_eos_token": "<|vision_eos|>", "audio_bos_token": "<|audio_bos|>", "audio_token": "<|AUDIO|>",
+             "audio_eos_token": "<|audio_eos|>"},
+            "video_second_per_grid",
+            False,
+        ),
+        "qwen3_omni_moe_thinker": (
+            "Qwen3OmniMoeProcessor",
+            {**VL_TOKENS, "audio_bos_token": "<|audio_start|>", "audio_token": "<|audio_pad|>",
+             "audio_eos_token": "<|audio_end|>"},
+            "video_second_per_grid",
+            False,
+        ),
+    }  # fmt: skip
+
+    def __init__(self, tokenizer, image_processor, feature_extractor=None, model_type: str = "qwen2_5_vl"):
+        import transformers
+
+        processor_class, tokens, self.seconds_key, self.type_ids = self.FAMILIES.get(
+            model_type, (None, self.VL_TOKENS, None, True)
+        )
+        self.model_type = model_type
         self.tokenizer = tokenizer
         self.image_processor = image_processor
-        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.feature_extractor = feature_extractor
         self.chat_template = tokenizer.chat_template
+        for name, default in tokens.items():
+            setattr(self, name, getattr(tokenizer, name, None) or default)
+        for name in ("image", "video", "audio"):
+            token = getattr(self, f"{name}_token", None)
+            setattr(self, f"{name}_token_id", None if token is None else tokenizer.convert_tokens_to_ids(token))
+        size = getattr(getattr(transformers, processor_class or "", None), "videos_kwargs", {}).get("size")
+        size = size or image_processor.size
+        self.video_size = {"shortest_edge": size["shortest_edge"], "longest_edge": size["longest_edge"]}
 
     def apply_chat_template(self, messages, **kwargs):
         return self.tokenizer.apply_chat_template(messages, **kwargs)
@@ -483,48 +544,138 @@ class _ImagesOnlyProcessor:
     def batch_decode(self, ids, **kwargs):
         return self.tokenizer.batch_decode(ids, **kwargs)
 
-    def __call__(self, text: list[str], images: list, **kwargs) -> dict:
-        features = self.image_processor(images=images, return_tensors="pt")
+    def audio_tokens(self, frames: int) -> int:
+        """The tokens the audio tower makes of ``frames`` feature frames (10 ms each), as the processor counts them:
+        Qwen2.5-Omni halves them twice (a stride-2 convolution, then pooling); Qwen3-Omni makes 13 of each full
+        window of 100 frames and reduces the rest three times by 2."""
+        if self.model_type.startswith("qwen3_omni"):
+            window = 100  # 2 * n_window, Qwen3OmniMoeProcessor's n_window of 50
+            rest = (frames % window - 1) // 2 + 1
+            return ((rest - 1) // 2 + 1 - 1) // 2 + 1 + frames // window * 13
+        return ((frames - 1) // 2 + 1 - 2) // 2 + 1
+
+    def video(self, frames: np.ndarray) -> tuple[torch.Tensor, list[int]]:
+        """One video's patches ``[t·h·w, C·temporal_patch_size·P·P]`` and grid ``[t, h, w]``, as Qwen2-VL's video
+        processor makes them, from frames ``[n, H, W, 3]`` uint8."""
+        features = self.image_processor(images=list(frames), size=self.video_size, return_tensors="pt")
+        _, h, w = features["image_grid_thw"][0].tolist()
+        pair, patch = self.image_processor.temporal_patch_size, self.image_processor.patch_size
+        # An image's patch holds its frame `pair` times over (the temporal axis): one copy is the frame.
+        stills = features["pixel_values"].view(len(frames), h * w, -1, pair, patch, patch)[:, :, :, 0]
+        if pad := -len(frames) % pair:
+            stills = torch.cat([stills, stills[-1:].expand(pad, *stills.shape[1:])])
+        t = len(stills) // pair
+        patches = stills.reshape(t, pair, h * w, -1, patch, patch).permute(0, 2, 3, 1, 4, 5)
+        return patches.reshape(t * h * w, -1), [t, h, w]
+
+    def __call__(self, text: list[str], images: list | None = None, videos: list[np.ndarray] | None = None,
+                 audio: list[np.ndarray] | None = None, fps: float | None = None, **kwargs) -> dict:  # fmt: skip
+        """The model's inputs (tensors, left padded: a real processor's ``padding``, ``return_tensors`` and other
+        ``kwargs`` are taken and ignored) for ``text`` (one prompt per request, each placeholder once) and the media
+        in the order their placeholders come; ``fps``: the videos' frame rate."""
         merge = self.image_processor.merge_size**2
-        tokens_per_image = iter((features["image_grid_thw"].prod(-1) // merge).tolist())
-        expanded = []
-        for sample in text:
-            head, *rest = sample.split(self.image_token)
-            expanded.append(head + "".join(self.image_token * next(tokens_per_image) + part for part in rest))
-        encoded = self.tokenizer(expanded, padding=True, return_tensors="pt")
-        encoded["mm_token_type_ids"] = (encoded["input_ids"] == self.image_token_id).long()
-        return {**encoded, **features}
+        features, counts = {}, {}
+        if images:
+            encoded = self.image_processor(images=images, return_tensors="pt")
+            features.update(pixel_values=encoded["pixel_values"], image_grid_thw=encoded["image_grid_thw"])
+            counts[self.image_token] = (encoded["image_grid_thw"].prod(-1) // merge).tolist()
+        if videos:
+            if self.seconds_key is None:
+                raise ValueError(f"videos of a {self.model_type!r} model need its own processor (torchvision)")
+            if fps is None:
+                raise ValueError("videos need their frame rate, `fps`")
+            patches, grids = zip(*(self.video(frames) for frames in videos))
+            features.update(pixel_values_videos=torch.cat(patches), video_grid_thw=torch.tensor(grids))
+            pair = self.image_processor.temporal_patch_size
+            features[self.seconds_key] = torch.tensor([pair / fps] * len(videos))
+            counts[self.video_token] = [t * h * w // merge for t, h, w in grids]
+        if audio:
+            if self.feature_extractor is None or self.audio_token is None:
+                raise ValueError(f"a {self.model_type} model takes no audio")
+            extractor = self.feature_extractor
+            # Qwen2.5-Omni's processor pads every clip to the extractor's length, Qwen3-Omni's to the longest.
+            padding = {"padding": True, "truncation": False} if self.model_type.startswith("qwen3_omni") else \
+                {"padding": "max_length"}  # fmt: skip
+            encoded = extractor(audio, sampling_rate=extractor.sampling_rate, return_attention_mask=True,
+                                return_tensors="pt", **padding)  # fmt: skip
+            mask = encoded["attention_mask"]
+            features.update(input_features=encoded["input_features"], feature_attention_mask=mask)
+            counts[self.audio_token] = [self.audio_tokens(frames) for frames in mask.sum(-1).tolist()]
+        text = self._expand(text, counts)
+        # Left padded, as the Omni processors pad and as generation needs.
+        inputs = dict(self.tokenizer(text, padding=True, padding_side="left", return_tensors="pt"))
+        if self.type_ids:
+            ids = inputs["input_ids"]
+            inputs["mm_token_type_ids"] = (ids == self.image_token_id).long() + 2 * (ids == self.video_token_id).long()
+        return {**inputs, **features}
+
+    @staticmethod
+    def _expand(text: list[str], counts: dict[str, list[int]]) -> list[str]:
+        """Each placeholder repeated as many times as its input gives tokens, inputs taken in order over the batch."""
+        if not counts:
+            return list(text)
+        left = {token: iter(numbers) for token, numbers in counts.items()}
+
+        def repeat(match: re.Match) -> str:
+            number = next(left[match.group(0)], None)
+            if number is None:
+                raise ValueError(f"the prompts hold more {match.group(0)} placeholders than inputs")
+            return match.group(0) * number
+
+        pattern = re.compile("|".join(re.escape(token) for token in counts))
+        expanded = [pattern.sub(repeat, sample) for sample in text]
+        unused = [token for token, numbers in left.items() if next(numbers, None) is not None]
+        if unused:
+            raise ValueError(f"more inputs than {unused} placeholders in the prompts")
+        return expanded
 
 
 class MLLMJudge(_Judge):
-    """An in-process vision-language judge (FlowPortrait's MLLM reward; Qwen2.5-VL by default).
+    """An in-process multimodal judge (FlowPortrait's MLLM reward): an Omni thinker that sees the video and hears the
+    speech (Qwen2.5-Omni, Qwen3-Omni), or a vision-language model (Qwen2.5-VL by default, Qwen3-VL).
 
-    The sampled frames go in as the images of one user message followed by the prompt, through the processor's
-    chat template (the tokenizer's when the processor cannot load, the Qwen layout when neither has one); videos
-    are batched (left padded) and decoded greedily, retries sample at ``retry_temperature``. The model runs in
-    eval mode without gradients, on the videos' device. It is no ``nn.Module`` attribute of the trainer, so it is
-    neither trained nor saved in checkpoints.
+    Each video's request is one user message holding, as ``inputs`` asks, the reference photo (an image), the video
+    (a video input of its frames at the judge's ``fps``: the vision tower takes consecutive frames in pairs and the
+    rotary positions follow their time; or ``num_frames`` stills, an image each), the speech (the thinker's audio
+    features), then the prompt, through the chat template (the processor's, else the tokenizer's, else the Qwen
+    layout). The model's processor prepares it where it loads; where it cannot (transformers 5 builds no Qwen
+    processor without torchvision), ``_MinimalProcessor`` does the same from the tokenizer, the image processor and
+    the Whisper feature extractor. Videos are batched (left padded) and decoded greedily, retries sample at
+    ``retry_temperature``. The model runs in eval mode without gradients, on the videos' device. It is no
+    ``nn.Module`` attribute of the trainer, so it is neither trained nor saved in checkpoints. Of an Omni model only
+    the thinker is loaded: the judge answers in text, the talker that speaks is not needed.
 
     Args:
         pretrained (str | None): Hub id or folder of the judge (model and processor), e.g.
+            ``Qwen/Qwen2.5-Omni-7B`` (with ``model_class: Qwen2_5OmniThinkerForConditionalGeneration``) or
             ``Qwen/Qwen2.5-VL-7B-Instruct``.
         config (dict | None): config arguments of ``model_class`` to build a random judge (tests); needs
             ``processor``.
         processor (str | None): Hub id or folder of the processor, when not that of ``pretrained``.
-        model_class (str): the transformers class, e.g. ``Qwen2_5_VLForConditionalGeneration``,
-            ``Qwen3VLForConditionalGeneration``, ``AutoModelForImageTextToText``.
+        model_class (str): the transformers class: ``Qwen2_5OmniThinkerForConditionalGeneration`` or
+            ``Qwen3OmniMoeThinkerForConditionalGeneration`` (they hear: an audio tower), or a vision-language
+            model, ``Qwen2_5_VLForConditionalGeneration``, ``Qwen3VLForConditionalGeneration``,
+            ``AutoModelForImageTextToText``.
         torch_dtype (str): weights' dtype: ``auto`` (the checkpoint's; float32 for ``config``), ``bfloat16``,
             ``float16``, ``float32``.
         attn_implementation (str | None): ``sdpa``, ``flash_attention_2`` ...; ``None`` lets transformers choose.
         max_new_tokens (int): longest answer generated.
         batch_size (int | None): videos per ``generate`` call; ``None`` puts all of a ``score`` call in one.
-        aspects (Sequence[str]): keys the judge must answer (the default prompt asks for the three defaults).
-        prompt (str | None): the instruction after the frames; ``{num_frames}`` in it is filled in.
-        num_frames (int): evenly spaced frames shown per video.
+        aspects (Sequence[str]): keys the judge must answer (the default prompts ask for the three defaults).
+        prompt (str | None): the whole instruction after the media; ``{num_frames}`` and ``{fps}`` are filled in.
+        num_frames (int | None | str): ``auto``: 8 evenly spaced stills for a model that does not hear, the video
+            at ``fps`` for one that does; an integer: that many stills, an image each; ``None``: the video at
+            ``fps``, as a video.
         max_retries (int): times an unusable answer is asked again.
         retry_temperature (float): sampling temperature of the retries (0: greedy again).
         on_failure (str): ``neutral`` (score 3 for every aspect) or ``drop`` (NaN, for GRPO to drop the sample).
         prefix (str): prefix of the term names.
+        inputs (Sequence[str] | None): what each request holds, of ``reference``, ``video``, ``audio``, ``text``;
+            ``None``: what the model takes, ``[reference, video, audio]`` for a model that hears, ``[video]`` for a
+            vision-language model. ``audio`` for a model without an audio tower is an error.
+        fps, video_fps, max_frames, sample_rate, prompt_file, rubrics: what the judge is given and asked (see the
+            module's docstring); the speech is resampled to the feature extractor's rate where ``sample_rate``
+            differs.
     """
 
     def __init__(
@@ -539,12 +690,12 @@ class MLLMJudge(_Judge):
         batch_size: int | None = None,
         aspects: Sequence[str] = ASPECTS,
         prompt: str | None = None,
-        num_frames: int | None = 8,
+        num_frames: int | Literal["auto"] | None = "auto",
         max_retries: int = 2,
         retry_temperature: float = 0.7,
         on_failure: Literal["neutral", "drop"] = "neutral",
         prefix: str = "judge/",
-        inputs: Sequence[str] = ("video",),
+        inputs: Sequence[str] | None = None,
         fps: float | None = None,
         video_fps: float = 25.0,
         max_frames: int = 32,
@@ -552,8 +703,6 @@ class MLLMJudge(_Judge):
         prompt_file: str | None = None,
         rubrics: dict | None = None,
     ):
-        super().__init__(aspects, prompt, num_frames, max_retries, retry_temperature, on_failure, prefix, inputs, fps,
-                         video_fps, max_frames, sample_rate, prompt_file, rubrics)
         _check_int("max_new_tokens", max_new_tokens, 1, "an integer of at least 1")
         if batch_size is not None:
             _check_int("batch_size", batch_size, 1, "None (all videos of a call at once) or an integer of at least 1")
@@ -566,9 +715,35 @@ class MLLMJudge(_Judge):
             raise ValueError("MLLMJudge needs exactly one of `pretrained` (a Hub id or folder) or `config`")
         if config is not None and processor is None:
             raise ValueError("MLLMJudge built from a `config` needs a `processor` (a Hub id or folder)")
-        cls = getattr(transformers, model_class, None)
+        cls = getattr(transformers, model_class, None) if isinstance(model_class, str) else None
         if cls is None:
             raise ValueError(f"transformers has no model class {model_class!r}")
+        cls = _concrete_class(cls, pretrained)
+        if config is not None and not hasattr(cls, "config_class"):
+            raise ValueError(f"a judge built from a `config` needs a model class of its own, not {model_class}")
+        model_type = getattr(getattr(cls, "config_class", None), "model_type", "")
+        if model_type in ("qwen2_5_omni", "qwen3_omni_moe"):
+            raise ValueError(f"{model_class} speaks as well: load its thinker, which answers in text ("
+                             f"{'Qwen2_5Omni' if model_type == 'qwen2_5_omni' else 'Qwen3OmniMoe'}"
+                             "ThinkerForConditionalGeneration)")  # fmt: skip
+        hears = hasattr(cls, "get_audio_features")
+        if inputs is None:
+            inputs = ("reference", "video", "audio") if hears else ("video",)
+        if num_frames == "auto":
+            num_frames = None if hears else 8
+        super().__init__(aspects, prompt, num_frames, max_retries, retry_temperature, on_failure, prefix, inputs, fps,
+                         video_fps, max_frames, sample_rate, prompt_file, rubrics)
+        if "audio" in self.inputs and not hears:
+            raise ValueError(f"{model_class} has no audio tower, but inputs {self.inputs} ask the judge to hear the "
+                             "speech: leave `audio` out of inputs, or use a model that hears (an Omni thinker: "
+                             "Qwen2_5OmniThinkerForConditionalGeneration, Qwen3OmniMoeThinkerForConditionalGeneration)")
+        self.processor = self._load_processor(processor or pretrained, model_type, hears)
+        if self.num_frames is None and isinstance(self.processor, _MinimalProcessor) and not self.processor.seconds_key:
+            raise ValueError(f"{model_class} sees a video (num_frames None) only through its own processor, which "
+                             "transformers builds with torchvision only: install torchvision, or show stills "
+                             "(num_frames: 8)")  # fmt: skip
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"
         dtype = torch_dtype if torch_dtype == "auto" else getattr(torch, torch_dtype)
         if pretrained is not None:
             # transformers 4.56 renamed `torch_dtype` to `dtype` and 5.x warns on the old name.
@@ -580,54 +755,102 @@ class MLLMJudge(_Judge):
         else:
             self.model = cls(cls.config_class(**config)).to(torch.float32 if dtype == "auto" else dtype)
         self.model.eval().requires_grad_(False)
-        self.processor = self._load_processor(processor or pretrained)
-        self.tokenizer = self.processor.tokenizer
-        self.tokenizer.padding_side = "left"
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
 
     @staticmethod
-    def _load_processor(path: str):
-        from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    def _load_processor(path: str, model_type: str, hears: bool):
+        from transformers import AutoFeatureExtractor, AutoImageProcessor, AutoProcessor, AutoTokenizer
 
         try:
             return AutoProcessor.from_pretrained(path)
         except ImportError as err:
-            log.info("MLLMJudge: the processor of %s does not load (%s); using its tokenizer and image processor",
-                     path, str(err).strip().split(". ")[0])
-            return _ImagesOnlyProcessor(AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
+            log.info("MLLMJudge: the processor of %s does not load (%s); using its tokenizer, image processor%s",
+                     path, str(err).strip().split(". ")[0], " and feature extractor" if hears else "")
+            extractor = AutoFeatureExtractor.from_pretrained(path) if hears else None
+            return _MinimalProcessor(AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path),
+                                     extractor, model_type)  # fmt: skip
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(model={type(self.model).__name__}, aspects={self.aspects}, "
-                f"num_frames={self.num_frames}, on_failure={self.on_failure!r})")
+        return (f"{type(self).__name__}(model={type(self.model).__name__}, inputs={self.inputs}, "
+                f"aspects={self.aspects}, num_frames={self.num_frames}, on_failure={self.on_failure!r})")
 
     def _chat_text(self, sample: JudgeSample | int) -> str:
+        """The request's text: reference, video (or stills), speech placeholders, then the prompt."""
         if isinstance(sample, int):  # a request of that many stills
             sample = JudgeSample(frames=np.zeros((sample, 1, 1, 3), np.uint8), fps=self.video_fps)
-        num_frames = len(sample.frames)
+        stills = self.num_frames is not None
+        parts = [{"type": "image"}] if sample.reference is not None else []
+        parts += [{"type": "image"}] * len(sample.frames) if stills else [{"type": "video"}]
+        parts += [{"type": "audio"}] if sample.audio is not None else []
         prompt = self._text(sample)
-        messages = [{"role": "user", "content": [{"type": "image"}] * num_frames + [{"type": "text", "text": prompt}]}]
+        messages = [{"role": "user", "content": parts + [{"type": "text", "text": prompt}]}]
         for owner in (self.processor, self.tokenizer):
             if getattr(owner, "chat_template", None):
                 return owner.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        images = "<|vision_start|><|image_pad|><|vision_end|>" * num_frames
-        return f"<|im_start|>user\n{images}{prompt}<|im_end|>\n<|im_start|>assistant\n"
+        def token(name: str, default: str) -> str:
+            return getattr(self.processor, name, None) or default
+
+        start, end = token("vision_bos_token", "<|vision_start|>"), token("vision_eos_token", "<|vision_end|>")
+        placeholders = {
+            "image": start + token("image_token", "<|image_pad|>") + end,
+            "video": start + token("video_token", "<|video_pad|>") + end,
+            "audio": token("audio_bos_token", "<|audio_bos|>") + token("audio_token", "<|AUDIO|>")
+            + token("audio_eos_token", "<|audio_eos|>"),
+        }
+        media = "".join(placeholders[part["type"]] for part in parts)
+        return f"<|im_start|>user\n{media}{prompt}<|im_end|>\n<|im_start|>assistant\n"
+
+    def _inputs(self, samples: list[JudgeSample]) -> dict:
+        """The model's inputs for a batch of requests (the processor's output), on the model's device and dtype."""
+        from PIL import Image
+
+        images, videos, audio = [], [], []
+        for sample in samples:
+            if sample.reference is not None:
+                images.append(Image.fromarray(sample.reference))
+            if self.num_frames is not None:
+                images += [Image.fromarray(frame) for frame in sample.frames]
+            else:
+                videos.append(sample.frames)
+            if sample.audio is not None:
+                audio.append(self._speech(sample))
+        texts = [self._chat_text(sample) for sample in samples]
+        fps = samples[0].fps
+        media = {key: value for key, value in (("images", images), ("videos", videos), ("audio", audio)) if value}
+        if isinstance(self.processor, _MinimalProcessor):
+            inputs = self.processor(text=texts, fps=fps, **media)
+        else:
+            options = {}
+            if videos:  # the frames as they are, at their rate: the processor samples none
+                metadata = [{"total_num_frames": len(v), "fps": fps, "frames_indices": list(range(len(v)))}
+                            for v in videos]  # fmt: skip
+                options["videos_kwargs"] = {"fps": fps, "do_sample_frames": False, "video_metadata": metadata}
+            inputs = dict(self.processor(text=texts, padding=True, return_tensors="pt", **media, **options))
+        param = next(self.model.parameters())
+        inputs = {k: v.to(param.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        for key in ("pixel_values", "pixel_values_videos", "input_features"):
+            if key in inputs:
+                inputs[key] = inputs[key].to(param.dtype)
+        return inputs
+
+    def _speech(self, sample: JudgeSample) -> np.ndarray:
+        """The speech at the feature extractor's rate."""
+        rate = getattr(getattr(self.processor, "feature_extractor", None), "sampling_rate", sample.sample_rate)
+        if rate == sample.sample_rate:
+            return np.asarray(sample.audio, dtype=np.float32)
+        from prefalign.data.media import resample
+
+        return resample(sample.audio, sample.sample_rate, rate)
 
     @torch.no_grad()
     def _generate(self, samples: list[JudgeSample] | np.ndarray, temperature: float) -> list[str]:
-        from PIL import Image
         from transformers import GenerationConfig
 
         if isinstance(samples, np.ndarray):  # stills [B, n, H, W, 3]
             samples = [JudgeSample(frames=video, fps=self.video_fps) for video in samples]
         self.model.eval()
-        param = next(self.model.parameters())
-        frames = np.stack([sample.frames for sample in samples])
-        text = self._chat_text(samples[0])
-        images = [Image.fromarray(frame) for video in frames for frame in video]
-        inputs = self.processor(text=[text] * len(frames), images=images, padding=True, return_tensors="pt")
-        inputs = {k: v.to(param.device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-        inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
+        inputs = self._inputs(samples)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         sample = temperature > 0
         generation = GenerationConfig(
@@ -671,6 +894,16 @@ class MLLMJudge(_Judge):
             pending = still
         self._count(failures=len(pending))
         return results, [last[row] for row in pending]
+
+
+def _concrete_class(cls: type, pretrained: str | None) -> type:
+    """The model class an Auto class loads for the checkpoint ``pretrained`` (read from its config); a concrete
+    class as it is."""
+    if not cls.__name__.startswith("Auto") or pretrained is None:
+        return cls
+    from transformers import AutoConfig
+
+    return cls._model_mapping.get(type(AutoConfig.from_pretrained(pretrained)), cls)
 
 
 class _RequestFailed(Exception):
