@@ -101,6 +101,7 @@ class EvaluationTable:
         self._videos: dict[str, str] = {}
         self.repeated_ids = 0
         """How many rows were ignored because their id was already in the table."""
+        self._set_scores: dict[str, tuple[float, int]] = {}
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -167,11 +168,19 @@ class EvaluationTable:
         return [{"id": clip_id, **({"video": self._videos[clip_id]} if clip_id in self._videos else {}), **row}
                 for clip_id, row in self._rows.items()]
 
+    def add_set_scores(self, scores: dict[str, tuple[float, int]]) -> None:
+        """Metrics of the whole set (FID, FVD): ``{metric: (value, clips)}``, in the summary with std NaN."""
+        self._set_scores = {**self._set_scores, **scores}
+
     def summary(self) -> dict[str, dict[str, float]]:
         """``{metric: {"mean", "std", "count"}}`` over the clips, NaN left out (``count`` counts the rest); ``std`` is
-        the population standard deviation; mean and std are NaN when no value is left."""
-        out = {}
+        the population standard deviation; mean and std are NaN when no value is left. Set metrics (FID, FVD) give
+        their value as ``mean``, NaN as ``std`` and the clips they compared as ``count``."""
+        out = {name: {"mean": value, "std": math.nan, "count": count}
+               for name, (value, count) in self._set_scores.items()}  # fmt: skip
         for name in self.columns:
+            if name in out:
+                raise ValueError(f"'{name}' is both a per-clip metric and a set metric")
             values = [row[name] for row in self._rows.values() if name in row and not math.isnan(row[name])]
             count = len(values)
             if count == 0:

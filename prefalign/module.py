@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from prefalign import checkpoints, evaluation, sharding
+from prefalign.paper_metrics import EvaluationSettings, PaperMetrics
 from prefalign.algorithms.base import Algorithm, per_sample_mse
 from prefalign.algorithms.sft import SFT
 from prefalign.data import media
@@ -117,6 +118,8 @@ class AlignmentModule(L.LightningModule):
             costly part of validation; the loss is computed on every batch).
         evaluation_dir (str | None): where ``prefalign test`` writes its table (``metrics.csv``,
             ``summary.csv``, ``metrics.json``), ``samples.png`` and ``videos/``; default ``test/`` in the log folder.
+        evaluation (EvaluationSettings): the papers' metrics (Sync-C / Sync-D, FID, FVD) for ``prefalign test``
+            (``metrics``) and validation (``val_metrics``), with the weights files they need.
     """
 
     def __init__(
@@ -132,6 +135,7 @@ class AlignmentModule(L.LightningModule):
         sampling: SamplingSettings = SamplingSettings(),
         val_sample_batches: int = 1,
         evaluation_dir: Optional[str] = None,
+        evaluation: EvaluationSettings = EvaluationSettings(),
     ):
         super().__init__()
         self.denoiser = denoiser
@@ -143,6 +147,8 @@ class AlignmentModule(L.LightningModule):
         self.sampling = sampling
         self.val_sample_batches = val_sample_batches
         self.evaluation_dir = evaluation_dir
+        self.evaluation = evaluation
+        self._paper_metrics: dict[str, PaperMetrics] = {}  # per split; a dict keeps the networks out of the state dict
         start = read_start_checkpoint(init_weights) if init_weights and init_weights.endswith(".ckpt") else None
         if init_weights is not None and start is None:
             load_denoiser_weights(denoiser, init_weights)
@@ -403,6 +409,11 @@ class AlignmentModule(L.LightningModule):
                 strategy.kwargs["auto_wrap_policy"] = policy
 
     def setup(self, stage: str) -> None:
+        names = {"test": self.evaluation.metrics, "val": self.evaluation.val_metrics}
+        for split in ("test",) if stage == "test" else ("val",) if stage in ("fit", "validate") else ():
+            if names[split] and split not in self._paper_metrics:  # before training: missing weights fail now
+                self._paper_metrics[split] = PaperMetrics(self.evaluation, names[split], self.denoiser.fps,
+                                                          self.sample_rate).to(self.device)
         if self._trainer is not None and checkpoints.strategy_loads_weights(self.trainer.strategy):
             # It loads a checkpoint's weights before on_load_checkpoint can put the frozen ones back: not strictly
             # then (they keep the values the recipe loaded), and on_load_checkpoint checks the keys instead.
@@ -505,6 +516,12 @@ class AlignmentModule(L.LightningModule):
             self._rng_before_validation = None
 
     def on_validation_epoch_end(self) -> None:
+        paper = self._paper_metrics.get("val")
+        if paper is not None:
+            for name, (value, count) in paper.set_scores().items():  # a collective: every rank's clips
+                if count >= 2:
+                    self.log(f"val/{name}", value, rank_zero_only=True)
+            paper.reset()
         self._report_skips("val")
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -518,6 +535,8 @@ class AlignmentModule(L.LightningModule):
             return
         video = self.generate(batch, num_frames=batch["video"].shape[1])
         scores = self.score_videos(video, batch)
+        if "val" in self._paper_metrics:
+            scores.update(self._paper_metrics["val"].to(video.device).clip_scores(video, batch))
         for name, value in scores.items():  # nanmean: a judge's dropped clips are NaN
             self.log(f"val/{name}", value.float().nanmean(), prog_bar=name == "sync", batch_size=batch_size,
                      sync_dist=True)
@@ -555,8 +574,11 @@ class AlignmentModule(L.LightningModule):
         out = self.evaluation_folder()
         files = media.write_clips(inside(out, "videos"), video, batch["id"], self.denoiser.fps, batch["audio"],
                                   self.sample_rate)
+        scores = self.score_videos(video, batch)
+        if "test" in self._paper_metrics:
+            scores.update(self._paper_metrics["test"].to(video.device).clip_scores(video, batch))
         # Each row names the file its video went to: an id is not always its file's name (see files.safe_name).
-        self._test_table.add(batch["id"], self.score_videos(video, batch),
+        self._test_table.add(batch["id"], scores,
                              videos=[path.relative_to(out).as_posix() for path in files])
         if batch_idx == 0 and self.trainer.is_global_zero:
             evaluation.sample_grid(video[:8].cpu(), out / "samples.png", references=batch["reference"][:8].cpu(),
@@ -565,6 +587,12 @@ class AlignmentModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         table = self._test_table.gather()  # a collective: every rank's clips
+        paper = self._paper_metrics.get("test")
+        if paper is not None:
+            table.add_set_scores(paper.set_scores())  # a collective too
+            paper.reset()
+            if paper.crop_source is not None and self.trainer.is_global_zero:
+                print(f"  SyncNet's crops came from: {paper.crop_source}")
         for name, stats in table.summary().items():
             self.log(f"test/{name}", stats["mean"], rank_zero_only=True)
         if self.trainer.is_global_zero:
