@@ -1837,6 +1837,84 @@ def judge_request(bench: Bench) -> Figure:
     return figure
 
 
+# --- figure 9: what the papers' metrics add to the evaluation of a clip ----------------------------------------------
+def paper_metric_nets(folder: Path) -> dict[str, str]:
+    """Random weights files in the published layouts (He-normal convolutions, unit BN variances), as a user's
+    downloads would sit: the timing does not depend on the values."""
+    from prefalign.i3d import InceptionI3D
+    from prefalign.inception import FIDInception
+    from prefalign.syncnet import SyncNet
+
+    torch.manual_seed(0)
+    files = {}
+    for option, net in (("syncnet", SyncNet()), ("inception", FIDInception()), ("i3d", InceptionI3D())):
+        state = {}
+        for key, value in net.state_dict().items():
+            if value.dim() > 1:
+                value = torch.randn_like(value) * (2 / value[0].numel()) ** 0.5
+            elif key.endswith("running_var"):
+                value = torch.ones_like(value)
+            state[key] = value
+        files[option] = str(folder / f"{option}.pt")
+        torch.save(state, files[option])
+    return files
+
+
+def paper_metric_step(bench: Bench, batch: dict, metric: str | None, files: dict) -> Step:
+    """Scoring the demo batch's clips against their ground truth: the TalkingShapes metrics (``metric`` None), or
+    one of the papers' metrics (SyncNet per clip; FID / FVD: the features of the generated and the real clips)."""
+    from prefalign import evaluation
+    from prefalign.paper_metrics import EvaluationSettings, PaperMetrics
+
+    video = batch["video"].flip(1)  # stands in for generated clips: the ground truth played backwards
+    if metric is None:
+        return Step(lambda: evaluation.clip_scores(video, batch, 25.0, DEMO_MEL["sample_rate"]), None, [])
+    settings = EvaluationSettings(metrics=[metric], **files)
+    paper = PaperMetrics(settings, [metric], 25.0, DEMO_MEL["sample_rate"]).to(bench.device)
+
+    def run():
+        paper.reset()
+        return paper.clip_scores(video, batch)
+
+    nets = [m.network for m in (paper.fid, paper.fvd) if m is not None and hasattr(m, "network")]
+    return Step(run, None, [p for net in nets for p in net.parameters()])
+
+
+def paper_metrics(bench: Bench) -> Figure:
+    """Figure 9: the time the papers' metrics add to the evaluation of a clip, next to the TalkingShapes metrics."""
+    base, sync, fid, fvd = "TalkingShapes metrics", "Sync-C / Sync-D (SyncNet)", "FID (Inception)", "FVD (I3D)"
+    b = DEMO_DATA["batch_size"]
+    figure = Figure(
+        name="paper_metrics",
+        title="The papers' metrics: time per evaluated clip",
+        description=(
+            f"Scoring the demo batch ({b} TalkingShapes clips of {DEMO_DATA['num_frames']} frames at 32×32 with audio "
+            f"and pose; the ground truth played backwards stands in for generated clips) on {bench.device}. "
+            f"**{base}** (baseline): `evaluation.clip_scores` (sync, identity, texture, jitter, head offset, SSIM, "
+            f"PSNR). **{sync}**: `syncnet_v2` on 224×224 crops from the pose track, 5-frame windows against 0.2 s of "
+            f"MFCC, offsets ±15. **{fid}**: FID's InceptionV3 on every frame of the generated and the real clip "
+            f"(299×299). **{fvd}**: the Kinetics-400 I3D on the generated and the real clip (224×224). Random "
+            "weights in the published layouts (the time does not depend on them); each network at its input size, "
+            "so the clips' 32×32 size does not make them cheaper."
+        ),
+        baseline=base,
+        columns={"ms_per_clip": "ms per clip"},
+    )
+    batch = demo_batch(bench.device)
+    folder = Path(tempfile.mkdtemp(prefix="prefalign-bench-metrics-"))
+    try:
+        files = paper_metric_nets(folder)
+        bench.compare(figure, {name: (lambda metric=metric: paper_metric_step(bench, batch, metric, files))
+                               for name, metric in ((base, None), (sync, "sync_c"), (fid, "fid"), (fvd, "fvd"))})
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    for row in figure.rows:
+        row["ms_per_clip"] = row["median_ms"] / b
+    figure.notes.append("ms per clip: the step's median over the batch's clips; FID and FVD count the generated and "
+                        "the real clip of each pair.")
+    return figure
+
+
 FIGURES: list[Callable[[Bench], Figure]] = [
     sft_step,
     dpo_step,
@@ -1846,6 +1924,7 @@ FIGURES: list[Callable[[Bench], Figure]] = [
     data_step,
     checkpoint_save,
     judge_request,
+    paper_metrics,
 ]
 
 

@@ -62,7 +62,8 @@ class FeatureStats:
         self.outer += other.outer
 
     def state(self) -> dict:
-        return {"dim": self.dim, "count": self.count, "total": self.total, "outer": self.outer}
+        """A snapshot (copies: later ``add`` calls do not change it), e.g. for ``all_gather_object``."""
+        return {"dim": self.dim, "count": self.count, "total": self.total.clone(), "outer": self.outer.clone()}
 
     @classmethod
     def from_state(cls, state: dict) -> FeatureStats:
