@@ -374,16 +374,21 @@ def _shape(clip: dict) -> tuple:
 
 
 def _batches(units: Iterable, decode: Callable, shape: Callable, batch_size: int) -> Iterator[list[tuple]]:
-    """``(unit, decoded)`` in batches of at most ``batch_size`` of one shape, decoding as they fill (a batch is
-    yielded as soon as it is full; the partly filled ones at the end)."""
+    """``(unit, decoded)`` in batches of at most ``batch_size`` of one shape, decoding as they fill. A batch is
+    yielded as soon as it is full, and the fullest one as soon as ``batch_size`` clips wait in all of them (clips of
+    many shapes then go in smaller batches): at most ``batch_size`` decoded clips are held at a time."""
     buckets: dict[tuple, list] = {}
+    waiting = 0
     for unit in units:
         decoded = decode(unit)
         key = shape(decoded)
-        bucket = buckets.setdefault(key, [])
-        bucket.append((unit, decoded))
-        if len(bucket) == batch_size:
-            yield buckets.pop(key)
+        buckets.setdefault(key, []).append((unit, decoded))
+        waiting += 1
+        if waiting >= batch_size:
+            fullest = max(buckets, key=lambda k: len(buckets[k]))
+            batch = buckets.pop(fullest)
+            waiting -= len(batch)
+            yield batch
     yield from buckets.values()
 
 

@@ -519,8 +519,8 @@ class AlignmentModule(L.LightningModule):
         paper = self._paper_metrics.get("val")
         if paper is not None:
             for name, (value, count) in paper.set_scores().items():  # a collective: every rank's clips
-                if count >= 2:
-                    self.log(f"val/{name}", value, rank_zero_only=True)
+                if math.isfinite(value):  # the same value on every rank (gathered): logged on each, no reduction
+                    self.log(f"val/{name}", value)
             paper.reset()
         self._report_skips("val")
 
@@ -589,7 +589,7 @@ class AlignmentModule(L.LightningModule):
         table = self._test_table.gather()  # a collective: every rank's clips
         paper = self._paper_metrics.get("test")
         if paper is not None:
-            table.add_set_scores(paper.set_scores())  # a collective too
+            table.add_set_scores(paper.set_scores())  # a collective too; NaN where too few clips, never an error
             paper.reset()
             if paper.crop_source is not None and self.trainer.is_global_zero:
                 print(f"  SyncNet's crops came from: {paper.crop_source}")

@@ -9,10 +9,13 @@ kept out of the module's state dict (never trained, never checkpointed).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+
+from prefalign.syncnet import FACE_POINTS
 
 #: The metrics, what they need and what each says (README's table is built from the same words).
 METRICS = {
@@ -54,8 +57,13 @@ class EvaluationSettings:
 
 
 class PaperMetrics:
-    """The networks of some of the papers' metrics, on a device, and the running FID / FVD statistics of one
-    evaluation pass. Not an ``nn.Module``: a module attribute holding it keeps the networks out of checkpoints.
+    """The networks of some of the papers' metrics, on a device, and the features of one evaluation pass for FID and
+    FVD. Not an ``nn.Module``: a module attribute holding it keeps the networks out of checkpoints.
+
+    FID and FVD keep each clip's features (float32, on the CPU: 17 frames × 2048 × 2 for FID, 139 KiB a clip) by
+    clip id, so that a clip scored twice (DistributedSampler pads ranks with repeated clips) counts once, as in the
+    metrics table. The networks run in float32, outside any autocast (a run's ``bf16-mixed`` included), as the
+    reference implementations do.
 
     Args:
         settings (EvaluationSettings): the weights files.
@@ -81,6 +89,7 @@ class PaperMetrics:
             from prefalign.i3d import FVDMetric, load_i3d
 
             self.fvd = FVDMetric(load_i3d(_weights(settings, "i3d")), batch_size=settings.batch_size)
+        self._features: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {"fid": {}, "fvd": {}}
 
     def to(self, device: torch.device) -> PaperMetrics:
         for metric in (self.sync, self.fid, self.fvd):
@@ -90,40 +99,72 @@ class PaperMetrics:
 
     @torch.no_grad()
     def clip_scores(self, video: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
-        """Per-clip metrics (``sync_c``, ``sync_d``) of sampled ``video`` for ``batch``; and the set metrics'
-        statistics updated with the clips and the batch's ground truth."""
+        """Per-clip metrics (``sync_c``, ``sync_d``) of sampled ``video`` for ``batch``; and, for FID and FVD, the
+        features of each clip and of its ground truth, kept by the batch's ``id``."""
         scores = {}
-        if self.sync is not None:
-            sync = self.sync(video, batch["audio"], batch.get("pose"))
-            scores.update({name: sync[name] for name in ("sync_c", "sync_d") if name in self.names})
-        for metric, name in ((self.fid, "fid"), (self.fvd, "fvd")):
-            if metric is None:
-                continue
-            truth = batch.get("video")
-            if truth is None:
-                raise ValueError(f"{name} compares the generated clips with the ground truth: the evaluation set "
-                                 "needs its `video` column")
-            metric.update(video, truth)
+        with torch.autocast(video.device.type, enabled=False):
+            video = video.float()
+            if self.sync is not None:
+                pose = batch.get("pose")
+                if pose is not None and pose.shape[2] not in FACE_POINTS:
+                    pose = None  # no face points in this layout: SyncNet crops the whole frame (said by crop_source)
+                sync = self.sync(video, batch["audio"].float(), pose)
+                scores.update({name: sync[name] for name in ("sync_c", "sync_d") if name in self.names})
+            for metric, name in ((self.fid, "fid"), (self.fvd, "fvd")):
+                if metric is None:
+                    continue
+                truth = batch.get("video")
+                if truth is None:
+                    raise ValueError(f"{name} compares the generated clips with the ground truth: the evaluation set "
+                                     "needs its `video` column")
+                ids = batch.get("id") or [str(i) for i in range(video.shape[0])]
+                for index, clip_id in enumerate(ids):
+                    if clip_id not in self._features[name]:
+                        pair = (video[index : index + 1], truth[index : index + 1].float())
+                        self._features[name][clip_id] = tuple(self._clip_features(metric, name, v) for v in pair)
         return scores
 
+    @staticmethod
+    def _clip_features(metric, name: str, video: torch.Tensor) -> torch.Tensor:
+        """One clip's feature vectors: every frame's (FID) or the clip's (FVD), float32 on the CPU."""
+        if name == "fid":
+            frames = video[0, :: metric.frame_stride]
+            rows = [metric.network(chunk) for chunk in frames.split(metric.batch_size)]
+        else:
+            rows = [metric.network.features(video)]
+        return torch.cat(rows).float().cpu()
+
     def set_scores(self) -> dict[str, tuple[float, int]]:
-        """``{metric: (value, clips)}`` of FID and FVD over every rank's clips since the last ``reset``. A
-        collective under torch.distributed: call it on every rank."""
+        """``{metric: (value, clips)}`` of FID and FVD over every rank's clips since the last ``reset`` (each id once,
+        the first rank's); NaN where fewer than two clips (FVD) or frames (FID) are on a side. A collective under
+        torch.distributed: call it on every rank."""
+        from prefalign.frechet import FeatureStats
+
         out = {}
         for metric, name in ((self.fid, "fid"), (self.fvd, "fvd")):
             if metric is None:
                 continue
+            features = self._features[name]
             if torch.distributed.is_available() and torch.distributed.is_initialized():
-                states: list = [None] * torch.distributed.get_world_size()
-                torch.distributed.all_gather_object(states, metric.state())
-                metric = type(metric).from_states(metric, states)
-            out[name] = (metric.compute(), metric.count)
+                gathered: list = [None] * torch.distributed.get_world_size()
+                torch.distributed.all_gather_object(gathered, features)
+                features = {}
+                for part in gathered:  # rank order: the first rank's copy of a repeated clip
+                    for clip_id, pair in part.items():
+                        features.setdefault(clip_id, pair)
+            stats = []
+            for side in (0, 1):
+                rows = [pair[side] for pair in features.values()]
+                side_stats = FeatureStats(rows[0].shape[1]) if rows else None
+                for row in rows:
+                    side_stats.add(row)
+                stats.append(side_stats)
+            enough = all(s is not None and s.count >= 2 for s in stats)
+            out[name] = (stats[0].distance(stats[1]) if enough else math.nan, len(features))
         return out
 
     def reset(self) -> None:
-        for metric in (self.fid, self.fvd):
-            if metric is not None:
-                metric.reset()
+        self._features = {"fid": {}, "fvd": {}}
 
     @property
     def crop_source(self) -> Optional[str]:

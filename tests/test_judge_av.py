@@ -305,3 +305,20 @@ def test_a_real_openai_compatible_server_accepts_the_audio_visual_request():
     terms = j.score(videos, cond)
     assert j.stats["http_errors"] == 0, j.stats  # the server took the parts as sent
     assert terms["judge/lip_sync"].shape == (2,) and torch.isfinite(terms["judge/lip_sync"]).all()
+
+
+@pytest.mark.parametrize("count,fps", [(18, 10.0), (8, 10.0), (10, 10.42)])
+def test_a_lower_rate_never_picks_a_frame_past_the_clip(count, fps):
+    index = frame_indices(count, FPS, fps, 32)
+    assert index.max() <= count - 1 and index[0] == 0
+
+
+def test_the_environments_proxy_never_sees_the_request(monkeypatch):
+    """A proxy from the environment would receive the Authorization header: the judge connects directly."""
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # nothing listens there: a proxied request would fail
+    videos, cond = clips(n=1)
+    with AVServer() as server:
+        j = judge(server.url, http_retries=0)
+        terms = j.score(videos, cond)
+    assert j.stats["http_errors"] == 0 and len(server.requests) == 1 and terms["judge_valid"].item() == 1.0

@@ -312,3 +312,23 @@ def test_unknown_aspect_mappings_list_the_judges_terms(labels, tmp_path):
         judge = SyncJudge()
         judge.aspects, judge.aspect_terms = ["lips"], ["other/lips"]
         judge_eval_command(str(labels), judge, str(tmp_path / "out"))
+
+
+def test_batches_hold_at_most_batch_size_decoded_clips_whatever_their_shapes():
+    from prefalign.judge_eval import _batches
+
+    held, peak = set(), 0
+
+    def decode(unit):
+        nonlocal peak
+        held.add(unit)
+        peak = max(peak, len(held))
+        return unit
+
+    shapes = [0, 1, 2, 0, 1, 2, 3, 4, 5, 0, 0]  # clips of many shapes, as real labels have
+    seen = []
+    for batch in _batches(range(len(shapes)), decode, lambda unit: shapes[unit], batch_size=3):
+        assert len(batch) <= 3 and len({shapes[u] for u, _ in batch}) == 1
+        seen += [u for u, _ in batch]
+        held.difference_update(u for u, _ in batch)
+    assert sorted(seen) == list(range(len(shapes))) and peak <= 3

@@ -92,3 +92,35 @@ def test_prefalign_test_on_the_demo_writes_the_papers_metrics(tmp_path, monkeypa
         assert table["metrics"][name]["mean"] > 1e-3  # an untrained model's clips are not the ground truth
     summary = (out / "summary.csv").read_text()
     assert "\nfid," in summary and "\nfvd," in summary and "\nsync_c," in summary
+
+
+def tiny_clips(n: int, frames: int = 9, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    g = torch.Generator().manual_seed(seed)
+    truth = torch.rand(n, frames, 3, 32, 32, generator=g)
+    return truth.flip(1), {"video": truth, "audio": torch.randn(n, frames * 640, generator=g) * 0.1,
+                           "id": [f"clip{i}" for i in range(n)]}
+
+
+def test_fvd_counts_each_clip_once_and_is_nan_with_one_clip(tmp_path):
+    weights = random_weights(tmp_path)
+    paper = PaperMetrics(EvaluationSettings(metrics=["fvd"], i3d=weights["i3d"]), ["fvd"], 25.0, 16000)
+    video, batch = tiny_clips(1)
+    paper.clip_scores(video, batch)
+    value, count = paper.set_scores()["fvd"]
+    assert math.isnan(value) and count == 1  # one clip: no covariance, no error
+    video, batch = tiny_clips(3)
+    paper.clip_scores(video, batch)  # clip0 again (as DistributedSampler's padding repeats clips), then two more
+    value, count = paper.set_scores()["fvd"]
+    assert count == 3 and math.isfinite(value)
+    once = PaperMetrics(EvaluationSettings(metrics=["fvd"], i3d=weights["i3d"]), ["fvd"], 25.0, 16000)
+    once.clip_scores(video, batch)
+    assert once.set_scores()["fvd"][0] == pytest.approx(value)  # the repeated clip changed nothing
+
+
+def test_sync_scores_crop_the_frame_for_a_pose_layout_without_face_points(tmp_path):
+    weights = random_weights(tmp_path)
+    paper = PaperMetrics(EvaluationSettings(metrics=["sync_c"], syncnet=weights["syncnet"]), ["sync_c"], 25.0, 16000)
+    video, batch = tiny_clips(1, frames=9)
+    batch["pose"] = torch.rand(1, 9, 18, 2)  # OpenPose body: no face points SyncNet knows
+    scores = paper.clip_scores(video, batch)
+    assert scores["sync_c"].shape == (1,) and paper.crop_source == "frame"

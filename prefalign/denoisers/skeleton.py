@@ -88,7 +88,11 @@ def render_skeleton(pose: torch.Tensor, height: int, width: int, scale: float | 
     canvas = torch.zeros(b * t, 3, height, width, device=device)
     flat = pose.reshape(b * t, k, 2)
 
-    for frames in torch.split(torch.arange(b * t, device=device), 8):  # bounded memory: 8 frames at a time
+    # Bounded memory: each frame holds a few floats per pixel per stroke (133 keypoints at 480x832: ~0.8 GB), so
+    # frames go in chunks of at most ~64 M stroke-pixels.
+    strokes_per_frame = max(len(strokes.segments), len(strokes.dots), 1)
+    chunk = max(1, int(64e6 // (strokes_per_frame * height * width)))
+    for frames in torch.split(torch.arange(b * t, device=device), chunk):
         points = flat[frames]
         if strokes.segments:
             a = torch.stack([_points(points, s[0]) for s in strokes.segments], dim=1)  # [N, S, 2]
@@ -111,7 +115,7 @@ def render_skeleton(pose: torch.Tensor, height: int, width: int, scale: float | 
 
 def _painted(canvas: torch.Tensor, mask: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
     """``canvas [N, 3, H, W]`` with strokes ``mask [N, S, H, W]`` painted in order in ``colours [S, 3]``."""
-    order = torch.arange(1, mask.shape[1] + 1, device=mask.device).view(1, -1, 1, 1)
-    last = (mask * order).amax(dim=1)  # the last stroke drawn on each pixel; 0 for none
+    order = torch.arange(1, mask.shape[1] + 1, device=mask.device, dtype=torch.int16).view(1, -1, 1, 1)
+    last = torch.where(mask, order, order.new_zeros(())).amax(dim=1).long()  # the last stroke on each pixel; 0: none
     colour = colours[(last - 1).clamp(min=0)].permute(0, 3, 1, 2)
     return torch.where((last > 0)[:, None], colour, canvas)

@@ -189,7 +189,7 @@ def frame_indices(count: int, video_fps: float, fps: float | None, max_frames: i
     """Which of ``count`` frames at ``video_fps`` a judge sees at ``fps`` (``None``: every frame), at most
     ``max_frames`` of them (evenly spaced over the clip when the rate would give more)."""
     step = 1.0 if fps is None or fps >= video_fps else video_fps / fps
-    index = np.unique(np.round(np.arange(0.0, count - 1e-9, step)).astype(int))
+    index = np.unique(np.minimum(np.round(np.arange(0.0, count - 1e-9, step)), count - 1).astype(int))
     if len(index) > max_frames:
         index = np.unique(np.round(np.linspace(0, count - 1, max_frames)).astype(int))
     return index
@@ -937,8 +937,9 @@ class OpenAIJudge(_Judge):
       scores out of range or not numbers), is an unusable answer, asked again up to ``max_retries`` times.
 
     The API key is read from the environment variable ``api_key_env`` at each request (sent as
-    ``Authorization: Bearer ...``, none when the variable is unset) and sent to ``base_url``'s server only; it is
-    never stored, logged or shown (failure reasons and logs are redacted with ``prefalign.secrets.redact``).
+    ``Authorization: Bearer ...``, none when the variable is unset) and sent to ``base_url``'s server only (no
+    redirect is followed, and the environment's ``http_proxy`` / ``https_proxy`` are not used: a proxy would receive
+    the key; the judge must be reachable directly); it is never stored, logged or shown (failure reasons and logs are redacted with ``prefalign.secrets.redact``).
 
     Args:
         model (str): the served model's name.
@@ -1162,8 +1163,11 @@ class OpenAIJudge(_Judge):
 
 def _opener(deadline: float, timeout: float) -> urllib.request.OpenerDirector:
     """urllib's opener for one judge request: follows no redirect, and fails the request at ``deadline``."""
+    # No ProxyHandler from the environment: an http_proxy (common on clusters) would receive the Authorization
+    # header in the clear. The judge must be reachable directly at base_url.
     return urllib.request.build_opener(
-        _RefuseRedirects, _DeadlineHTTPHandler(deadline, timeout), _DeadlineHTTPSHandler(deadline, timeout)
+        urllib.request.ProxyHandler({}), _RefuseRedirects, _DeadlineHTTPHandler(deadline, timeout),
+        _DeadlineHTTPSHandler(deadline, timeout),
     )
 
 
