@@ -303,7 +303,11 @@ class FVDMetric:
         _check_videos(generated, "generated")
         _check_videos(real, "real")
         for stats, videos in ((self.generated, generated), (self.real, real)):
-            stats.add(torch.cat([self.network.features(chunk) for chunk in videos.split(self.batch_size)]))
+            stats.add(self.features(videos))
+
+    def features(self, videos: torch.Tensor) -> torch.Tensor:
+        """The FVD features of clips ``[B, T, 3, H, W]``: ``[B, 400]``, ``batch_size`` clips per network call."""
+        return torch.cat([self.network.features(chunk) for chunk in videos.split(self.batch_size)])
 
     def compute(self) -> float:
         """The FVD of the clips seen so far (at least 2 generated and 2 real clips: the covariances need them)."""

@@ -369,9 +369,14 @@ class FIDMetric:
         self.clips += generated.shape[0]
 
     def _add(self, stats: FeatureStats, video: torch.Tensor) -> None:
+        stats.add(self.features(video))
+
+    @torch.no_grad()
+    def features(self, video: torch.Tensor) -> torch.Tensor:
+        """The pool features of every ``frame_stride``-th frame of clips ``[B, T, 3, H, W]``: ``[B·T', 2048]``,
+        ``batch_size`` frames per network call."""
         frames = video[:, :: self.frame_stride].flatten(0, 1)
-        for start in range(0, frames.shape[0], self.batch_size):
-            stats.add(self.network(frames[start : start + self.batch_size]))
+        return torch.cat([self.network(chunk) for chunk in frames.split(self.batch_size)])
 
     def compute(self) -> float:
         """FID between the generated and the real frames seen."""

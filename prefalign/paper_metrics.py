@@ -121,18 +121,8 @@ class PaperMetrics:
                 for index, clip_id in enumerate(ids):
                     if clip_id not in self._features[name]:
                         pair = (video[index : index + 1], truth[index : index + 1].float())
-                        self._features[name][clip_id] = tuple(self._clip_features(metric, name, v) for v in pair)
+                        self._features[name][clip_id] = tuple(metric.features(v).float().cpu() for v in pair)
         return scores
-
-    @staticmethod
-    def _clip_features(metric, name: str, video: torch.Tensor) -> torch.Tensor:
-        """One clip's feature vectors: every frame's (FID) or the clip's (FVD), float32 on the CPU."""
-        if name == "fid":
-            frames = video[0, :: metric.frame_stride]
-            rows = [metric.network(chunk) for chunk in frames.split(metric.batch_size)]
-        else:
-            rows = [metric.network.features(video)]
-        return torch.cat(rows).float().cpu()
 
     def set_scores(self) -> dict[str, tuple[float, int]]:
         """``{metric: (value, clips)}`` of FID and FVD over every rank's clips since the last ``reset`` (each id once,

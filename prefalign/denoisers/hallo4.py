@@ -397,12 +397,15 @@ def build_modules(transformer_config: dict, modules_config: dict) -> Hallo4Modul
     )  # fmt: skip
 
 
-def load_released(path: str | Path, overrides: Optional[dict] = None, dtype: torch.dtype = torch.float32):
-    """A released Hallo4 file → (diffusers ``WanVACETransformer3DModel``, ``Hallo4Modules``), every tensor used
-    exactly once (a tensor without a place, or a place without a tensor, is an error naming the file)."""
+def load_released(path: str | Path, overrides: Optional[dict] = None, dtype: Optional[torch.dtype] = torch.float32):
+    """A released Hallo4 file → (diffusers ``WanVACETransformer3DModel``, ``Hallo4Modules``) in ``dtype`` (``None``:
+    the file's own), every tensor used exactly once (a tensor without a place, or a place without a tensor, is an
+    error naming the file)."""
     from diffusers import WanVACETransformer3DModel
 
     state = read_released(path)
+    if dtype is None:
+        dtype = next(iter(state.values())).dtype
     try:
         transformer_config, modules_config = released_config(state, overrides)
     except ValueError as error:
@@ -412,10 +415,10 @@ def load_released(path: str | Path, overrides: Optional[dict] = None, dtype: tor
         transformer = WanVACETransformer3DModel(**transformer_config)
         modules = build_modules(transformer_config, modules_config)
     for part, values, name in ((transformer, tensors, "transformer"), (modules, own, "Hallo4 modules")):
-        expected = set(part.state_dict())
-        missing, unexpected = sorted(expected - set(values)), sorted(set(values) - expected)
-        wrong = [f"{k} {tuple(values[k].shape)} vs {tuple(part.state_dict()[k].shape)}"
-                 for k in sorted(expected & set(values)) if values[k].shape != part.state_dict()[k].shape]  # fmt: skip
+        shapes = {k: v.shape for k, v in part.state_dict().items()}
+        missing, unexpected = sorted(set(shapes) - set(values)), sorted(set(values) - set(shapes))
+        wrong = [f"{k} {tuple(values[k].shape)} vs {tuple(shapes[k])}"
+                 for k in sorted(set(shapes) & set(values)) if values[k].shape != shapes[k]]  # fmt: skip
         if missing or unexpected or wrong:
             raise DataError(
                 f"the checkpoint does not fit Hallo4's {name} (diffusers' names): missing {missing[:3]} "
@@ -450,10 +453,7 @@ def convert(
     out = Path(out).expanduser()
     if out.exists():
         raise FileExistsError(f"{out} exists: give a new folder")
-    state = read_released(checkpoint)
-    dtype = next(iter(state.values())).dtype
-    del state
-    transformer, modules = load_released(checkpoint, overrides, dtype=dtype)
+    transformer, modules = load_released(checkpoint, overrides, dtype=None)  # the file read once, kept in its dtype
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # same filesystem: the rename is atomic
     try:

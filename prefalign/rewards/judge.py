@@ -205,14 +205,18 @@ def sample_frames(videos: torch.Tensor, num_frames: int) -> np.ndarray:
     Returns:
         ``[B, min(num_frames, T), H, W, 3]`` uint8 array.
     """
+    count = videos.shape[1] if videos.dim() > 1 else 1  # frames_at checks the shape
+    return frames_at(videos, torch.linspace(0, count - 1, min(num_frames, count)).round().long())
+
+
+def frames_at(videos: torch.Tensor, index) -> np.ndarray:
+    """Frames ``index`` of each (checked) video ``[B, T, 3, H, W]`` as uint8 images ``[B, n, H, W, 3]``."""
     if videos.dim() != 5 or videos.shape[2] != 3:
         raise ValueError(f"videos must be [batch, frames, 3, height, width]; got shape {tuple(videos.shape)}")
     if not torch.isfinite(videos).all():
         raise ValueError("videos hold NaN or infinite values; a judge cannot rate them")
-    count = videos.shape[1]
-    index = torch.linspace(0, count - 1, min(num_frames, count)).round().long().to(videos.device)
-    frames = videos.index_select(1, index).detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
-    return frames.permute(0, 1, 3, 4, 2).cpu().numpy()
+    frames = videos.index_select(1, torch.as_tensor(index, device=videos.device)).detach().float()
+    return frames.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
 
 
 class _Judge(Reward):
@@ -349,13 +353,8 @@ class _Judge(Reward):
             duration = videos.shape[1] / self.video_fps
             fps = frames.shape[1] / duration
         else:
-            sample_frames(videos[:, :1], 1)  # the shape and finiteness checks
             index = frame_indices(videos.shape[1], self.video_fps, self.fps, self.max_frames)
-            if not torch.isfinite(videos).all():
-                raise ValueError("videos hold NaN or infinite values; a judge cannot rate them")
-            picked = videos[:, torch.as_tensor(index, device=videos.device)]
-            frames = picked.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 1, 3, 4, 2)
-            frames = frames.cpu().numpy()
+            frames = frames_at(videos, index)
             fps = self.video_fps if len(index) < 2 else self.video_fps / float(np.mean(np.diff(index)))
         b = videos.shape[0]
         audio = reference = text = None
