@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 
 from prefalign import recipes
+from prefalign.annotate import annotate
 from prefalign.callbacks import VideoWriter
 from prefalign.checkpoints import AtomicCheckpointIO, check_checkpoint
 from prefalign.data.cache import preprocess_command
@@ -46,6 +47,7 @@ COMMANDS: dict[str, Callable | dict[str, Callable]] = {
     "export": export,
     "pairs": sample_pairs,
     "labels": import_labels,
+    "annotate": annotate,
     "judge-eval": judge_eval_command,
     "push": push_command,
     "preprocess": preprocess_command,

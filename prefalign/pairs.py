@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -188,27 +190,35 @@ def row_votes(row: dict, aspects: list[str], number: int, labels: str) -> dict[s
     return votes
 
 
-def import_labels(labels: str, out: str, aspects: Optional[list[str]] = None) -> Path:
-    """Turn human judgements of two videos into a pairs manifest with per-aspect labels (as Hallo4 curates them).
+@dataclass
+class Judgement:
+    """One checked row of a judgement manifest."""
 
-    Each input row names ``video_a``, ``video_b``, the shared conditions (``audio``, ``reference``, optional
-    ``pose``), and per aspect (``lip_sync``, ``expression``, ``motion``) which video is better: ``a``, ``b`` or
-    ``tie``; an optional ``overall`` decides the winner, else the aspects' votes do. Output rows have the winner as
-    ``video``, the loser as ``rejected``, and ``labels`` {aspect: 1 (winner better), -1 (loser better), 0 (tie)}.
+    file: str
+    """The manifest it came from."""
+    line: int
+    """Its line (1-based)."""
+    id: str
+    """The pair id (the row's ``id``, else its 0-based row index)."""
+    explicit_id: bool
+    """Whether the row names its ``id`` (only such rows are matched across rows and files)."""
+    votes: dict[str, int]
+    """{aspect or ``overall``: 1 (a better), -1 (b better), 0 (tie)} for the aspects it judges."""
+    paths: dict[str, str]
+    """``video_a``, ``video_b`` and the conditions it names, made absolute against its manifest's folder."""
+    text: Optional[str]
+    annotator: Optional[str]
+    order: Optional[tuple[str, str]]
+    """Which video was shown left and right (``prefalign annotate`` records it), for the position-bias report."""
 
-    Args:
-        labels: the judgement manifest (jsonl).
-        out: folder for ``pairs.jsonl`` (paths in it are absolute).
-        aspects: the aspect columns to read (default lip_sync, expression, motion).
-    """
+
+def _judgements(labels: str, aspects: list[str]) -> list[Judgement]:
+    """Every row of a judgement manifest, checked (a ``DataError`` naming the file, the line and the field)."""
     from prefalign.data.schema import Manifest
 
-    aspects = list(aspects or ASPECTS)
-    source = Path(labels)
     numbered = _read_label_rows(labels)
-    rows = [row for _, row in numbered]
-    manifest = Manifest(source=labels, rows=rows, root=source.resolve().parent)
-    pairs, ties = [], 0
+    manifest = Manifest(source=labels, rows=[row for _, row in numbered], root=Path(labels).resolve().parent)
+    judgements = []
     for index, (number, row) in enumerate(numbered):
         check_label_row(row, number, labels)
         if row.get("id") is not None and not isinstance(row["id"], (str, int)):
@@ -217,26 +227,265 @@ def import_labels(labels: str, out: str, aspects: Optional[list[str]] = None) ->
         votes = row_votes(row, aspects + ["overall"], number, labels)
         if not votes:
             raise DataError(f"line {number} judges none of {aspects + ['overall']}", path=labels, field=aspects[0])
-        winner = votes.get("overall", sum(v for k, v in votes.items() if k != "overall"))
-        if winner == 0:
+        order = row.get("order")
+        judgements.append(Judgement(
+            file=labels, line=number, id=str(row.get("id", index)), explicit_id=row.get("id") is not None,
+            votes=votes,
+            paths={column: manifest.resolve(row[column]) for column in ("video_a", "video_b", "audio", "reference",
+                                                                          "pose") if row.get(column)},
+            text=row.get("text") or None,
+            annotator=row["annotator"] if isinstance(row.get("annotator"), str) else None,
+            order=tuple(order) if isinstance(order, list) and sorted(map(str, order)) == ["a", "b"] else None,
+        ))
+    return judgements
+
+
+def _latest(judgements: list[Judgement]) -> tuple[list[Judgement], int]:
+    """The judgements with an earlier row replaced by a later one of the same id and the same two videos (``prefalign
+    annotate`` appends a changed answer as a new line), in the order of their last answer; and how many rows were
+    replaced. Rows of one id on other videos (several pairs of one condition) are pairs of their own."""
+    latest: dict[tuple, Judgement] = {}
+    for number, judgement in enumerate(judgements):
+        videos = frozenset(os.path.normpath(judgement.paths[column]) for column in ("video_a", "video_b"))
+        key = (True, judgement.id, videos) if judgement.explicit_id else (False, str(number))
+        latest.pop(key, None)
+        latest[key] = judgement
+    return list(latest.values()), len(judgements) - len(latest)
+
+
+def _pair_record(judgement: Judgement, votes: dict[str, int], aspects: list[str]) -> Optional[dict]:
+    """The pairs-manifest row of a judgement with ``votes``: the winner as ``video``, the loser as ``rejected``;
+    None for a tie (``overall`` decides where given, else the sum of the aspects' votes)."""
+    winner = votes.get("overall", sum(v for k, v in votes.items() if k != "overall"))
+    if winner == 0:
+        return None
+    a_wins = winner > 0
+    paths = judgement.paths
+    record = {
+        "id": judgement.id,
+        "video": paths["video_a"] if a_wins else paths["video_b"],
+        "rejected": paths["video_b"] if a_wins else paths["video_a"],
+        "labels": {aspect: votes[aspect] * (1 if a_wins else -1) for aspect in aspects if aspect in votes},
+    }
+    for column in ("audio", "reference", "pose"):
+        if column in paths:
+            record[column] = paths[column]
+    if judgement.text:
+        record["text"] = judgement.text
+    return record
+
+
+def cohen_kappa(first: Sequence, second: Sequence) -> Optional[float]:
+    """Cohen's kappa of two raters' categories for the same items: ``(p_o - p_e) / (1 - p_e)``, with ``p_o`` the share
+    of items they agree on and ``p_e`` the agreement expected by chance from each rater's own category shares.
+    None where it is undefined (no item, or both raters always give one and the same category)."""
+    if len(first) != len(second):
+        raise ValueError(f"the raters rated {len(first)} and {len(second)} items: rate the same items")
+    n = len(first)
+    if n == 0:
+        return None
+    observed = sum(x == y for x, y in zip(first, second)) / n
+    expected = sum((list(first).count(c) / n) * (list(second).count(c) / n) for c in set(first) | set(second))
+    return None if expected == 1 else (observed - expected) / (1 - expected)
+
+
+def fleiss_kappa(ratings: Sequence[Sequence]) -> Optional[float]:
+    """Fleiss' kappa: ``ratings[i]`` holds the categories that the same number ``n >= 2`` of raters gave item ``i``.
+
+    ``P_i = (sum_k n_ik^2 - n) / (n (n - 1))`` is the share of agreeing rater pairs on item ``i``, ``p_k`` the share
+    of all ratings in category ``k``; kappa ``= (mean_i P_i - sum_k p_k^2) / (1 - sum_k p_k^2)``. None where it is
+    undefined (no item, or every rating in one category)."""
+    if not ratings:
+        return None
+    n = len(ratings[0])
+    if n < 2 or any(len(item) != n for item in ratings):
+        raise ValueError("Fleiss' kappa needs the same number (at least 2) of ratings per item")
+    categories = sorted({c for item in ratings for c in item}, key=str)
+    counts = [[list(item).count(c) for c in categories] for item in ratings]
+    agreement = sum((sum(k * k for k in row) - n) / (n * (n - 1)) for row in counts) / len(ratings)
+    shares = [sum(row[j] for row in counts) / (len(ratings) * n) for j in range(len(categories))]
+    expected = sum(p * p for p in shares)
+    return None if expected == 1 else (agreement - expected) / (1 - expected)
+
+
+def _observed_agreement(ratings: Sequence[Sequence]) -> Optional[float]:
+    """The share of agreeing rater pairs, averaged over items (for two raters: the share of items they agree on)."""
+    if not ratings:
+        return None
+    n = len(ratings[0])
+    return sum(sum(x == y for i, x in enumerate(item) for y in item[i + 1:]) / (n * (n - 1) / 2)
+               for item in ratings) / len(ratings)
+
+
+def _majority(values: list[int]) -> Optional[int]:
+    """The most common vote when no other is as common; None when the top votes are level (no majority)."""
+    counts = sorted(((values.count(v), v) for v in set(values)), reverse=True)
+    return counts[0][1] if len(counts) == 1 or counts[0][0] > counts[1][0] else None
+
+
+def _left_share(judgements: list[Judgement], aspects: list[str]) -> Optional[float]:
+    """Of the non-tie aspect votes whose display order is known, the share that chose the video shown left."""
+    left = total = 0
+    for judgement in judgements:
+        if judgement.order is None:
+            continue
+        for aspect in aspects:
+            vote = judgement.votes.get(aspect, 0)
+            if vote:
+                total += 1
+                left += ("a" if vote > 0 else "b") == judgement.order[0]
+    return left / total if total else None
+
+
+def _merge(files: list[str], aspects: list[str]) -> tuple[list[tuple[Judgement, dict[str, int], int]], dict]:
+    """Merge one judgement file per annotator: per pair id and aspect the majority vote (see :func:`_majority`; no
+    majority counts as a tie), with the agreement summary. Rows are matched by ``id`` and must name the same two
+    videos (in either order: a row with them swapped has its votes flipped)."""
+    per_file, files_summary = [], []
+    for path in files:
+        judgements = _judgements(path, aspects)
+        for judgement in judgements:
+            if not judgement.explicit_id:
+                raise DataError(f"line {judgement.line} has no 'id': merging several annotators' files matches "
+                                "judgements by pair id", path=path, field="id")
+        latest, replaced = _latest(judgements)
+        judged: dict[str, Judgement] = {}
+        for judgement in latest:
+            if judgement.id in judged:
+                raise DataError(f"line {judgement.line}: pair id {judgement.id!r} also names other videos at line "
+                                f"{judged[judgement.id].line}: merging several annotators' files matches judgements "
+                                "by pair id, so each id must name one pair", path=path, field="id")
+            judged[judgement.id] = judgement
+        per_file.append(judged)
+        names = sorted({j.annotator for j in latest if j.annotator})
+        files_summary.append({"path": path, "annotator": names[0] if len(names) == 1 else names or None,
+                              "judgements": len(latest), "replaced": replaced,
+                              "left_chosen": _left_share(latest, aspects)})
+    ids = list(dict.fromkeys(pair_id for judged in per_file for pair_id in judged))
+    keys = aspects + ["overall"]
+    merged, ratings = [], {key: [] for key in keys}
+    split = {key: [] for key in keys}
+    undecided = {key: [] for key in keys}
+    for pair_id in ids:
+        entries = [judged[pair_id] for judged in per_file if pair_id in judged]
+        first = entries[0]
+        videos = (os.path.normpath(first.paths["video_a"]), os.path.normpath(first.paths["video_b"]))
+        votes_by_file = []
+        for judged in per_file:
+            judgement = judged.get(pair_id)
+            if judgement is None:
+                votes_by_file.append(None)
+                continue
+            these = (os.path.normpath(judgement.paths["video_a"]), os.path.normpath(judgement.paths["video_b"]))
+            if these == videos:
+                votes_by_file.append(judgement.votes)
+            elif these == videos[::-1]:
+                votes_by_file.append({key: -vote for key, vote in judgement.votes.items()})
+            else:
+                raise DataError(f"line {judgement.line}: pair {pair_id!r} is judged on videos {these}, but "
+                                f"{first.file} line {first.line} judges it on {videos}: annotators must judge the "
+                                "same pairs", path=judgement.file, field="video_a")
+        votes = {}
+        for key in keys:
+            given = [v[key] for v in votes_by_file if v is not None and key in v]
+            if not given:
+                continue
+            if len(given) == len(files):
+                ratings[key].append(given)
+            if len(set(given)) > 1:
+                split[key].append(pair_id)
+            majority = _majority(given)
+            if majority is None:
+                undecided[key].append(pair_id)
+            votes[key] = 0 if majority is None else majority
+        merged.append((first, votes, len(entries)))
+    summary = {"files": files_summary, "pairs": len(ids), "aspects": {}}
+    for key in keys:
+        summary["aspects"][key] = {
+            "judged_by_all": len(ratings[key]),
+            "observed_agreement": _observed_agreement(ratings[key]),
+            "cohen_kappa": cohen_kappa(*zip(*ratings[key])) if len(files) == 2 and ratings[key] else None,
+            "fleiss_kappa": fleiss_kappa(ratings[key]),
+            "split": len(split[key]),
+            "no_majority": len(undecided[key]),
+            "no_majority_ids": undecided[key],
+        }
+    return merged, summary
+
+
+def _print_agreement(summary: dict) -> None:
+    def number(value: Optional[float]) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    print(f"{len(summary['files'])} annotators, {summary['pairs']} pairs:")
+    for entry in summary["files"]:
+        print(f"  {entry['path']}: {entry['judgements']} judgements by {entry['annotator'] or 'unnamed'}"
+              f" (left chosen in {number(entry['left_chosen'])} of decided votes)")
+    print(f"{'aspect':<16}{'judged by all':>14}{'agreement':>11}{'Cohen κ':>9}{'Fleiss κ':>10}{'split':>7}"
+          f"{'no majority':>13}")
+    for key, row in summary["aspects"].items():
+        print(f"{key:<16}{row['judged_by_all']:>14}{number(row['observed_agreement']):>11}"
+              f"{number(row['cohen_kappa']):>9}{number(row['fleiss_kappa']):>10}{row['split']:>7}"
+              f"{row['no_majority']:>13}")
+
+
+def import_labels(labels: Union[str, list[str]], out: str, aspects: Optional[list[str]] = None) -> Path:
+    """Turn human judgements of two videos into a pairs manifest with per-aspect labels (as Hallo4 curates them).
+
+    Each input row names ``video_a``, ``video_b``, the shared conditions (``audio``, ``reference``, optional
+    ``pose``), and per aspect (``lip_sync``, ``expression``, ``motion``) which video is better: ``a``, ``b`` or
+    ``tie``; an optional ``overall`` decides the winner, else the aspects' votes do. Output rows have the winner as
+    ``video``, the loser as ``rejected``, and ``labels`` {aspect: 1 (winner better), -1 (loser better), 0 (tie)}.
+    Of rows with the same ``id`` and the same two videos the last one counts (``prefalign annotate`` appends a
+    changed answer).
+
+    Several files (one per annotator, e.g. from ``prefalign annotate``) are merged by pair ``id``: per aspect and
+    for ``overall`` the majority vote (the most common vote, if no other is as common; else a tie, reported), and
+    each output row says how many ``annotators`` judged it. Their agreement per aspect (observed agreement, Cohen's
+    kappa for two annotators, Fleiss' kappa over the pairs every annotator judged) is printed and written, with the
+    pairs that had no majority and each annotator's share of votes for the video shown left, to
+    ``agreement.json`` beside ``pairs.jsonl``.
+
+    Args:
+        labels: the judgement manifest (jsonl), or several: ``--labels [alice.jsonl,bob.jsonl]``.
+        out: folder for ``pairs.jsonl`` (paths in it are absolute).
+        aspects: the aspect columns to read (default lip_sync, expression, motion).
+    """
+    aspects = list(aspects or ASPECTS)
+    files = [labels] if isinstance(labels, str) else list(labels)
+    if not files:
+        raise ValueError("--labels names no file")
+    if len(set(files)) != len(files):
+        raise ValueError(f"--labels names a file twice: {files}")
+    summary = None
+    if len(files) == 1:
+        latest, replaced = _latest(_judgements(files[0], aspects))
+        judged = [(judgement, judgement.votes, None) for judgement in latest]
+    else:
+        judged, summary = _merge(files, aspects)
+    pairs, ties = [], 0
+    for judgement, votes, annotators in judged:
+        record = _pair_record(judgement, votes, aspects)
+        if record is None:
             ties += 1
             continue
-        a_wins = winner > 0
-        record = {
-            "id": str(row.get("id", index)),
-            "video": manifest.resolve(row["video_a"] if a_wins else row["video_b"]),
-            "rejected": manifest.resolve(row["video_b"] if a_wins else row["video_a"]),
-            "labels": {aspect: votes[aspect] * (1 if a_wins else -1) for aspect in aspects if aspect in votes},
-        }
-        for column in ("audio", "reference", "pose", "text"):
-            if row.get(column):
-                record[column] = manifest.resolve(row[column]) if column != "text" else row[column]
+        if annotators is not None:
+            record["annotators"] = annotators
         pairs.append(record)
     if not pairs:
-        raise DataError(f"every one of the {ties} judgements is a tie: no pair to learn from", path=labels)
+        raise DataError(f"every one of the {ties} judgements is a tie: no pair to learn from", path=", ".join(files))
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = inside(out_dir, "pairs.jsonl")
     _write_manifest(path, pairs)
-    print(f"{len(pairs)} pairs written to {path}; {ties} ties left out")
+    if summary is not None:
+        summary.update(written=len(pairs), ties=ties)
+        with atomic_write(inside(out_dir, "agreement.json")) as tmp:
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        _print_agreement(summary)
+        print(f"{len(pairs)} merged pairs written to {path}; {ties} ties left out; agreement in "
+              f"{inside(out_dir, 'agreement.json')}")
+    else:
+        note = f"; {replaced} earlier judgements replaced by later ones of the same id" if replaced else ""
+        print(f"{len(pairs)} pairs written to {path}; {ties} ties left out{note}")
     return path
