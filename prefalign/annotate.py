@@ -171,6 +171,10 @@ def _probe_video(path: Path, pairs_path: Path, line: int, field: str) -> bool:
             if codec not in BROWSER_VIDEO_CODECS:
                 raise fail(f"video codec {codec} does not play in browsers; re-encode it as H.264, e.g. "
                            "ffmpeg -i in.mp4 -c:v libx264 -pix_fmt yuv420p -c:a aac out.mp4")
+            pixels = (stream.codec_context.width or 0) * (stream.codec_context.height or 0)
+            if pixels > media.MAX_FRAME_PIXELS:  # checked from the header, before a frame is decoded
+                raise fail(f"frames of {stream.codec_context.width}x{stream.codec_context.height} exceed "
+                           f"{media.MAX_FRAME_PIXELS} pixels; scale the video down")
             if next(container.decode(stream), None) is None:
                 raise fail("no video frame decodes")
             sound = container.streams.audio

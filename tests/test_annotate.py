@@ -169,6 +169,16 @@ def test_a_hostile_pairs_file_is_refused_at_start_naming_the_row(case, tmp_path,
     assert not (tmp_path / "judgements.jsonl").exists()  # refused before anything was opened for writing
 
 
+def test_frames_larger_than_the_pixel_bound_are_refused_from_the_header(tmp_path, pairs_file, monkeypatch):
+    """A video whose frames exceed ``media.MAX_FRAME_PIXELS`` is refused before a frame is decoded (here the bound
+    is lowered below the 32x32 test clips instead of writing a huge video)."""
+    folder, good, _ = _hostile_world(tmp_path, pairs_file)
+    (folder / "pairs.jsonl").write_text(json.dumps(good) + "\n")
+    monkeypatch.setattr(media, "MAX_FRAME_PIXELS", 32 * 31)
+    with pytest.raises(DataError, match=r"line 1.*frames of 32x32 exceed 992 pixels"):
+        load_pairs(folder / "pairs.jsonl")
+
+
 def test_ids_with_slashes_are_served_by_index_and_silent_videos_play_the_row_speech(tmp_path, pairs_file):
     folder, good, _ = _hostile_world(tmp_path, pairs_file)
     rows = [{**good, "id": "speaker/../../etc/passwd"}, {**good, "id": 7, "video": "clips/silent.mp4"}]
