@@ -57,16 +57,27 @@ demo-pose: $(DEMO_DATA) $(HELDOUT)
 	$(BIN)/prefalign fit --config recipes/demo/sft_pose.yaml
 	$(BIN)/python benchmarks/plot_run.py runs/demo-sft-pose
 
-# GRPO from the shipped base checkpoint with the composite reward (sync + texture + jitter), then the same run with
-# the sync term alone: what the regularizers prevent.
+# GRPO from the shipped base checkpoint with the composite reward (sync + texture + jitter + identity), then the same
+# run with the sync term alone: what the regularizers prevent. Then both, and the base model, on 32 clips of a seed
+# that no tuning saw (11).
+UNSEEN := data/talkingshapes-unseen/manifest.jsonl
+
+$(UNSEEN): $(STAMP)
+	$(BIN)/prefalign synth --out data/talkingshapes-unseen --num_clips 32 --seed 11
+
 SYNC_ONLY := --model.algorithm.init_args.reward.init_args.terms '[{class_path: prefalign.rewards.SyncExpert}]' \
 	--model.algorithm.init_args.reward.init_args.weights '{sync: 1.0}'
-demo-grpo: $(DEMO_DATA) $(HELDOUT)
-	rm -rf runs/demo-grpo runs/demo-grpo-sync
+ON_UNSEEN = $(BIN)/prefalign validate --config recipes/demo/grpo.yaml --data.val $(UNSEEN) --model.val_sample_batches 4 \
+	--trainer.logger '[{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {save_dir: runs/demo-grpo-unseen, name: $(1)}}]'
+demo-grpo: $(DEMO_DATA) $(HELDOUT) $(UNSEEN)
+	rm -rf runs/demo-grpo runs/demo-grpo-sync runs/demo-grpo-unseen
 	$(BIN)/prefalign validate --config recipes/demo/grpo.yaml
 	$(BIN)/prefalign fit --config recipes/demo/grpo.yaml
 	$(BIN)/prefalign fit --config recipes/demo/grpo.yaml $(SYNC_ONLY) --trainer.default_root_dir runs/demo-grpo-sync \
 		--trainer.logger '[{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {save_dir: runs/demo-grpo-sync, name: csv}}]'
+	$(call ON_UNSEEN,base)
+	$(call ON_UNSEEN,composite) --ckpt_path runs/demo-grpo/csv/version_1/checkpoints/last.ckpt
+	$(call ON_UNSEEN,sync_only) $(SYNC_ONLY) --ckpt_path runs/demo-grpo-sync/csv/version_0/checkpoints/last.ckpt
 	$(BIN)/python benchmarks/plot_run.py runs/demo-grpo
 	$(BIN)/python benchmarks/plot_run.py runs/demo-grpo-sync
 

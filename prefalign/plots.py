@@ -33,6 +33,7 @@ PANELS = [
         [("val/jitter", "jitter", "points"), ("val/identity", "identity drift", "points")],
     ),
 ]
+MAX_PLOTTED_STEPS = 12  # GRPO sampler steps whose gradient norms get a line
 # Panels drawn only when the run logged one of their columns: DPO's preference statistics, the skeleton's effect.
 OPTIONAL_PANELS = [
     ("DPO implicit accuracy", "fraction of pairs", [("train/implicit_accuracy", "train", "line")]),
@@ -52,6 +53,21 @@ OPTIONAL_PANELS = [
             ("train/reward", "total", "line"),
         ],
     ),
+    (
+        "GRPO advantage signal (train)",
+        "reward / fraction",
+        [
+            ("train/reward_group_std", "reward spread within a group (std)", "line"),
+            ("train/zero_spread_groups", "groups without spread (fraction)", "line"),
+        ],
+    ),
+    ("GRPO ratio drift, last inner epoch (train)", "mean |ρ − 1|", [("train/ratio_drift", "ratio drift", "line")]),
+    (
+        "GRPO gradient norm per trained sampler step (train)",
+        "‖g‖",
+        [(f"train/grad_norm/step_{j}", f"step {j}", "line") for j in range(MAX_PLOTTED_STEPS)],
+    ),
+    ("GRPO update size (train)", "‖Δθ‖ / ‖θ‖", [("train/update_size", "per optimizer step", "line")]),
     ("SSIM vs. ground truth (higher is better)", "SSIM", [("val/ssim", "val samples", "points")]),
     ("PSNR vs. ground truth (higher is better)", "dB", [("val/psnr", "val samples", "points")]),
 ]

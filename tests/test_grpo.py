@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
-from prefalign.algorithms.grpo import GRPO, gaussian_kl, ppo_clip_loss
+from prefalign.algorithms.grpo import GRPO, gaussian_kl, group_spread, guard_log_ratio, ppo_clip_loss
 from prefalign.data.datamodule import PortraitDataModule
 from prefalign.module import AlignmentModule, LoraSettings
 from prefalign.processes import Diffusion, FlowMatching
@@ -419,3 +419,118 @@ def test_per_term_advantages_take_global_std_and_the_advantage_clip():
     torch.testing.assert_close(grpo.advantages(torch.zeros(8), terms, groups), expected)
     per_group = GRPO(reward, group_size=4, advantage_clip=1.5).advantages(torch.zeros(8), terms, groups)
     assert not torch.allclose(per_group, expected)
+
+
+# --- GRPO-Guard's ratio normalisation, MixGRPO's SDE window, the diagnostics -------------------------------------
+def test_guard_log_ratio_is_the_unbiased_noise_projection():
+    """RatioNorm: ``(lp − lp_old)·σ + mean(Δμ²)/(2σ) = mean(ε·Δμ)`` for the rollout's noise ε, whatever σ."""
+    torch.manual_seed(0)
+    process = FlowMatching()
+    old_mean = torch.randn(3, 4, 2, 5, 5)
+    noise = torch.randn_like(old_mean)
+    for sigma in (0.05, 0.7):
+        std = torch.full((3, 1, 1, 1, 1), sigma)
+        sample = old_mean + std * noise
+        mean = old_mean + 0.01 * torch.randn_like(old_mean)
+        lp, lp_old = process.log_prob(sample, mean, std), process.log_prob(sample, old_mean, std)
+        normalised = guard_log_ratio(lp, lp_old, mean, old_mean, std)
+        torch.testing.assert_close(normalised, (noise * (mean - old_mean)).flatten(1).mean(1), rtol=1e-3, atol=1e-6)
+        # The plain log-ratio is biased below 0 by mean(Δμ²)/(2σ²), more the smaller σ; the normalised one is not.
+        bias = (mean - old_mean).pow(2).flatten(1).mean(1) / (2 * sigma**2)
+        torch.testing.assert_close(lp - lp_old, normalised / sigma - bias, rtol=1e-3, atol=1e-6)
+    same = guard_log_ratio(lp_old, lp_old, old_mean, old_mean, std)
+    assert torch.equal(same, torch.zeros(3))
+
+
+def test_group_spread_counts_groups_without_signal():
+    values = torch.tensor([1.0, 1.0, 1.0, 0.0, 2.0, float("nan")])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    spread, zero = group_spread(values, groups)
+    torch.testing.assert_close(spread, torch.tensor(0.5))  # group 0: std 0; group 1: std of [0, 2] = 1
+    assert float(zero) == 0.5
+
+
+def test_the_sde_window_slides_from_high_noise_to_low():
+    grpo = GRPO(SyncExpert(), num_steps=6, sde_window=2, window_shift_every=10, window_stride=1)
+    assert [grpo.stochastic_steps(step) for step in (0, 9, 10, 35, 1000)] == [
+        range(0, 2), range(0, 2), range(1, 3), range(3, 5), range(4, 6)]
+    assert GRPO(SyncExpert(), num_steps=6, sde_window=2, window_start=3).stochastic_steps(500) == range(3, 5)
+    assert GRPO(SyncExpert(), num_steps=6).stochastic_steps(7) == range(6)
+    with pytest.raises(ValueError, match="sde_window must be in"):
+        GRPO(SyncExpert(), num_steps=6, sde_window=7)
+    with pytest.raises(ValueError, match="window_start must be in"):
+        GRPO(SyncExpert(), num_steps=6, sde_window=2, window_start=5)
+    with pytest.raises(ValueError, match="window_shift_every needs sde_window"):
+        GRPO(SyncExpert(), num_steps=6, window_shift_every=10)
+
+
+def test_only_the_window_is_stochastic_and_a_group_shares_its_path_until_it(talkingshapes):
+    torch.manual_seed(0)
+    module = AlignmentModule(tiny_wan(), FlowMatching())
+    grpo = GRPO(SyncExpert(), group_size=3, num_steps=4, sde_window=2, window_start=1, same_noise_per_group=True)
+    dm = PortraitDataModule(train=str(talkingshapes), batch_size=2, num_frames=17, val_fraction=0.0)
+    batch = next(iter(dm.train_dataloader()))
+    expanded = {k: v.repeat_interleave(3, 0) if torch.is_tensor(v) and v.ndim else v for k, v in batch.items()}
+    (segment,), _ = grpo.rollouts(module, expanded, 17, torch.Generator().manual_seed(0))
+    finite = torch.isfinite(segment.log_probs).all(dim=1)
+    assert finite.tolist() == [False, True, True, False]  # the ODE steps have no density
+    states = segment.states
+    assert torch.equal(states[1][0], states[1][2])  # step 0 is an ODE step from the group's shared noise
+    assert not torch.equal(states[2][0], states[2][1])  # the window's noise spreads the group
+    # The last step is deterministic: its output is the ODE step of its input.
+    t = module.process.timesteps(4)
+    with torch.no_grad():
+        mean, std = grpo.step_distribution(module.denoiser, module.process, states[3], t[3], t[4], segment.cond,
+                                           module.denoiser.drop_conditions, stochastic=False)
+    assert float(std.abs().max()) == 0.0
+    torch.testing.assert_close(states[4], mean.to(states[4].dtype))
+
+
+def test_ratio_norm_and_the_window_train_on_policy_with_diagnostics(talkingshapes):
+    """The first pass of a normalised-ratio update is exactly on policy; the window's steps are the trained ones,
+    each with its logged gradient norm; the update size and the groups' spread are logged."""
+    torch.manual_seed(0)
+    grpo = GRPO(SyncExpert(), group_size=3, num_steps=4, sde_window=2, window_start=1, train_fraction=1.0,
+                ratio_norm=True, grad_diagnostics=True, inner_epochs=2, clip_range=0.2)
+    module = AlignmentModule(tiny_wan(), FlowMatching(), algorithm=grpo, lora=LoraSettings(rank=4),
+                             optimizer=lambda params: torch.optim.AdamW(params, lr=1e-3))
+    rows = fit(module, talkingshapes, steps=2)
+    row = rows[0]
+    assert row["train/trained_steps"] == 2 and row["train/sde_window_start"] == 1
+    assert sorted(k for k in row if k.startswith("train/grad_norm/")) == [
+        "train/grad_norm/step_1", "train/grad_norm/step_2"]
+    assert all(row[f"train/grad_norm/step_{j}"] > 0 for j in (1, 2))
+    assert row["train/update_size"] > 0
+    assert row["train/ratio_drift"] > 0  # the second inner epoch sees the moved policy
+    assert row["train/reward_group_std"] > 0 and 0 <= row["train/zero_spread_groups"] <= 1
+    assert row["train/reward/sync_group_std"] > 0
+
+
+def test_ratio_norm_reweights_the_steps_by_their_std(talkingshapes):
+    """On policy, RatioNorm multiplies each step's policy gradient by that step's σ: the gradient of step j's
+    normalised loss equals σ_j times the gradient of its plain loss."""
+    torch.manual_seed(0)
+    module = AlignmentModule(tiny_wan(), FlowMatching())
+    grpo = GRPO(SyncExpert(), group_size=2, num_steps=3, ratio_norm=True)
+    dm = PortraitDataModule(train=str(talkingshapes), batch_size=1, num_frames=17, val_fraction=0.0)
+    batch = next(iter(dm.train_dataloader()))
+    expanded = {k: v.repeat_interleave(2, 0) if torch.is_tensor(v) and v.ndim else v for k, v in batch.items()}
+    (segment,), _ = grpo.rollouts(module, expanded, 17, torch.Generator().manual_seed(0))
+    process, denoiser = module.process, module.denoiser
+    t = process.timesteps(3)
+    adv = torch.tensor([1.0, -1.0])
+    weights = [p for p in denoiser.parameters() if p.requires_grad]
+    grads = {}
+    for norm in (False, True):
+        mean, std = grpo.step_distribution(denoiser, process, segment.states[1], t[1], t[2], segment.cond,
+                                           denoiser.drop_conditions)
+        lp = process.log_prob(segment.states[2], mean, std)
+        old = segment.log_probs[1]
+        if norm:
+            lp = old + guard_log_ratio(lp, old, mean, segment.means[1], std)
+        loss, _ = ppo_clip_loss(lp, old, adv, clip_range=1.0)
+        grads[norm] = torch.cat([g.flatten() for g in torch.autograd.grad(loss.sum(), weights, allow_unused=True)
+                                 if g is not None])
+    sigma = float(std.flatten()[0])
+    assert 0.1 < sigma < 0.7 and float(grads[False].norm()) > 0
+    torch.testing.assert_close(grads[True], sigma * grads[False], rtol=1e-4, atol=1e-9)

@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from prefalign import metrics
 from prefalign.data import synthetic
 from prefalign.rewards.base import Reward
 from prefalign.rewards.composite import CompositeReward, group_advantages
-from prefalign.rewards.regularizers import JitterPenalty, TextureReward, high_frequency_energy
+from prefalign.rewards.regularizers import IdentityReward, JitterPenalty, TextureReward, high_frequency_energy
 from prefalign.rewards.sync import SyncExpert
 
 CFG = synthetic.TalkingShapesConfig()
@@ -130,6 +131,23 @@ def test_jitter_with_ground_truth_passes_the_truth_and_penalises_shuffled_and_no
         # Smoother than the truth is not rewarded: a frozen video scores 0 too.
         frozen = cond["video"][:, :1].expand_as(cond["video"])
         assert reward.score(frozen, cond)["jitter"].item() == 0.0
+
+
+def test_identity_catches_the_darkening_hack_and_equals_the_colour_drift(clips) -> None:
+    """Darkening the face raises the dark-pixel count (the sync expert's cheap hack); the identity term falls with
+    it, and it is exactly −scale times the metric."""
+    reward = IdentityReward(scale=2.0, name="id")
+    for clip in clips:
+        cond = _cond(clip)
+        truth = reward.score(cond["video"], cond)["id"]
+        darker = reward.score(cond["video"] * 0.8, cond)["id"]
+        assert -0.1 < truth.item() <= 0 and darker.item() < truth.item() - 0.05
+        expected = -2.0 * metrics.identity_drift(cond["video"], cond["reference"])
+        torch.testing.assert_close(truth, expected)
+    with pytest.raises(ValueError, match="needs 'reference'"):
+        reward.score(_cond(clips[0])["video"], {})
+    with pytest.raises(ValueError, match="scale must be positive"):
+        IdentityReward(scale=0)
 
 
 def test_jitter_from_the_pose_lets_real_head_motion_pass(clips) -> None:

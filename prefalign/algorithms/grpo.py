@@ -12,7 +12,7 @@ usable reward (every one dropped by the judge) still takes its optimizer steps, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
@@ -35,6 +35,39 @@ def ppo_clip_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages
     return torch.maximum(unclipped, clipped), ratio
 
 
+def guard_log_ratio(log_prob: torch.Tensor, old_log_prob: torch.Tensor, mean: torch.Tensor, old_mean: torch.Tensor,
+                    std: torch.Tensor) -> torch.Tensor:
+    """GRPO-Guard's RatioNorm (Wang et al., arXiv 2510.22319): the log-ratio of a Gaussian step rescaled by its
+    std σ and freed of its negative bias, ``(lp − lp_old)·σ + ‖μ − μ_old‖²/(2σ)``, per sample.
+
+    With log-probs averaged over elements, ``lp − lp_old = mean(ε·Δμ)/σ − mean(Δμ²)/(2σ²)`` for the rollout's noise
+    ``ε``: the ratio is biased below 1 and its gradient scales as 1/σ, so the low-noise steps dominate the update.
+    The normalised log-ratio is ``mean(ε·Δμ)``: unbiased, and every step weighs alike.
+
+    Args:
+        log_prob, old_log_prob (Tensor): ``[N]`` element-averaged log-probs under the policy and the rollout policy.
+        mean, old_mean (Tensor): ``[N, ...]`` the step means under the policy and the rollout policy.
+        std (Tensor): the step's std, ``[N]`` or ``[N, 1, ..., 1]``.
+    """
+    sigma = std.float().reshape(std.shape[0], -1)[:, 0]
+    mse = (mean.float() - old_mean.float()).pow(2).flatten(1).mean(dim=1)
+    return (log_prob - old_log_prob) * sigma + mse / (2 * sigma)
+
+
+def group_spread(values: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The within-group population std of ``values`` averaged over groups, and the fraction of groups with no
+    spread (std ≤ 1e-6: every advantage 0, nothing to learn). Non-finite values are left out."""
+    finite = torch.isfinite(values)
+    stds = []
+    for group in torch.unique(group_ids[finite]):
+        members = values[finite & (group_ids == group)].double()
+        stds.append(members.std(unbiased=False) if members.numel() > 1 else members.new_tensor(0.0))
+    if not stds:
+        return values.new_tensor(float("nan")), values.new_tensor(float("nan"))
+    stds = torch.stack(stds)
+    return stds.mean().float(), (stds <= 1e-6).float().mean()
+
+
 def gaussian_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """KL between two Gaussian steps of the same std, per sample, averaged over elements: ``‖μ − μ_ref‖² / (2σ²)``."""
     per_element = (mean.float() - reference_mean.float()).pow(2) / (2 * std.float().pow(2))
@@ -55,6 +88,8 @@ class Segment:
             is deterministic: no density, not trained).
         free_from (int): the first latent frame the rollout generated (earlier ones are a chunk's given frames);
             log-probs and the KL cover frames from here on.
+        means (dict): step -> ``[N, C, F, h, w]`` the rollout policy's mean of that stochastic step (kept only for
+            GRPO-Guard's ratio normalisation).
     """
 
     inputs: dict
@@ -63,6 +98,7 @@ class Segment:
     states: torch.Tensor
     log_probs: torch.Tensor
     free_from: int = 0
+    means: dict = field(default_factory=dict)
 
 
 class GRPO(Algorithm):
@@ -80,6 +116,20 @@ class GRPO(Algorithm):
         clip_range (float): PPO clip ε on the ratio; tiny (~1e-4) because log-probs are averaged over elements.
         kl_beta (float): weight of the KL to the reference policy, ``‖μ_θ − μ_ref‖²/(2σ_t²)`` per step (0 = off).
         inner_epochs (int): optimizer steps per batch of rollouts, each over the same stored trajectories.
+        sde_window (int | None): MixGRPO (Li et al., arXiv 2507.21802): only this many consecutive sampler steps
+            are stochastic, the rest deterministic (ODE), and only the window's steps are trained, so a group's
+            reward spread comes from the steps that learn. None: every step is stochastic (Flow-GRPO).
+        window_start (int): the window's first step (0 = the noisiest).
+        window_shift_every (int | None): move the window ``window_stride`` steps later every this many training
+            steps, from high noise towards low, until it reaches the last step (MixGRPO's sliding window);
+            None: the window stays put.
+        window_stride (int): steps the window moves at each shift.
+        ratio_norm (bool): GRPO-Guard's RatioNorm (see ``guard_log_ratio``): the log-ratio is rescaled by each
+            step's std and unbiased, so that every trained step weighs alike in the update and the ratio is centred
+            on 1. ``clip_range`` then applies to that normalised ratio.
+        grad_diagnostics (bool): also log the gradient norm each trained step contributes (``grad_norm/step_<j>``)
+            and the relative size of each optimizer update (``update_size``, ‖Δθ‖/‖θ‖ over trained parameters);
+            costs a copy of the trained gradients and weights.
         advantage_clip (float): advantages are clipped to ±this.
         global_std (bool): standardise by the std of all rewards in the batch instead of each group's.
         micro_batch (int | None): rollouts per forward (rollout and update split identically, so the first pass
@@ -113,6 +163,12 @@ class GRPO(Algorithm):
         clip_range: float = 1e-4,
         kl_beta: float = 0.0,
         inner_epochs: int = 1,
+        sde_window: Optional[int] = None,
+        window_start: int = 0,
+        window_shift_every: Optional[int] = None,
+        window_stride: int = 1,
+        ratio_norm: bool = False,
+        grad_diagnostics: bool = False,
         advantage_clip: float = 5.0,
         global_std: bool = False,
         micro_batch: Optional[int] = None,
@@ -129,6 +185,16 @@ class GRPO(Algorithm):
             raise ValueError(f"GRPO: train_fraction must be in (0, 1], got {train_fraction}")
         if inner_epochs < 1:
             raise ValueError(f"GRPO: inner_epochs must be >= 1, got {inner_epochs}")
+        if sde_window is not None and not 1 <= sde_window <= num_steps:
+            raise ValueError(f"GRPO: sde_window must be in [1, num_steps={num_steps}] or None, got {sde_window}")
+        if sde_window is not None and not 0 <= window_start <= num_steps - sde_window:
+            raise ValueError(f"GRPO: window_start must be in [0, num_steps - sde_window = {num_steps - sde_window}], "
+                             f"got {window_start}")
+        if window_shift_every is not None and (sde_window is None or window_shift_every < 1):
+            raise ValueError("GRPO: window_shift_every needs sde_window and must be >= 1 (or None for a fixed window), "
+                             f"got {window_shift_every}")
+        if window_stride < 1:
+            raise ValueError(f"GRPO: window_stride must be >= 1, got {window_stride}")
         if max_empty_batches is not None and max_empty_batches < 1:
             raise ValueError(f"GRPO: max_empty_batches must be >= 1 or None, got {max_empty_batches}")
         self.set_optimization(lr, max_grad_norm)
@@ -141,6 +207,12 @@ class GRPO(Algorithm):
         self.clip_range = clip_range
         self.kl_beta = kl_beta
         self.inner_epochs = inner_epochs
+        self.sde_window = sde_window
+        self.window_start = window_start
+        self.window_shift_every = window_shift_every
+        self.window_stride = window_stride
+        self.ratio_norm = ratio_norm
+        self.grad_diagnostics = grad_diagnostics
         self.advantage_clip = advantage_clip
         self.global_std = global_std
         self.micro_batch = micro_batch
@@ -153,15 +225,31 @@ class GRPO(Algorithm):
         self.last_rollouts: dict = {}
 
     # --- the policy's Gaussian step -----------------------------------------------------------------------------
-    def step_distribution(self, model: Callable, process, x: torch.Tensor, t, t_next, cond: dict, drop):
-        """Mean and std of the stochastic step from ``x`` at ``t`` under ``model`` (with CFG when configured)."""
+    def step_distribution(self, model: Callable, process, x: torch.Tensor, t, t_next, cond: dict, drop,
+                          stochastic: bool = True):
+        """Mean and std of the step from ``x`` at ``t`` under ``model`` (with CFG when configured): the stochastic
+        step, or the deterministic one (std 0)."""
         model_t = process.model_time(t.expand(x.shape[0]))
         pred = model(x, model_t, cond)
         if self.guidance_scale != 1.0:
             uncond = model(x, model_t, drop(cond, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)))
             pred = uncond + self.guidance_scale * (pred - uncond)
+        if not stochastic:
+            out = process.step(pred, x, t, t_next)
+            return out.mean, out.std
         out = process.step(pred, x, t, t_next, stochastic=True, noise=torch.zeros_like(x, dtype=torch.float32))
         return out.mean, out.std
+
+    def stochastic_steps(self, step: int) -> range:
+        """The sampler steps that are stochastic (and so may be trained) at training step ``step``: all of them, or
+        MixGRPO's window, moved ``window_stride`` later every ``window_shift_every`` steps up to the last step."""
+        if self.sde_window is None:
+            return range(self.num_steps)
+        start = self.window_start
+        if self.window_shift_every is not None:
+            start += self.window_stride * (step // self.window_shift_every)
+        start = min(start, self.num_steps - self.sde_window)
+        return range(start, start + self.sde_window)
 
     def chunks(self, n: int) -> list[slice]:
         size = self.micro_batch or n
@@ -174,9 +262,12 @@ class GRPO(Algorithm):
     # --- rollouts ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, module: AlignmentModule, inputs: dict, num_frames: int, x: torch.Tensor,
-                generator: torch.Generator, known: Optional[torch.Tensor] = None) -> Segment:
-        """Sample from ``x`` (the prior) with stochastic steps, storing states and log-probs. ``known`` latents fix
-        the first latent frames at every step (a chunk's given frames), noised to the step's level."""
+                generator: torch.Generator, known: Optional[torch.Tensor] = None,
+                stochastic: Optional[range] = None) -> Segment:
+        """Sample from ``x`` (the prior), storing states and log-probs: the steps in ``stochastic`` (default: all)
+        are stochastic, the others deterministic. ``known`` latents fix the first latent frames at every step (a
+        chunk's given frames), noised to the step's level."""
+        stochastic = range(self.num_steps) if stochastic is None else stochastic
         process, denoiser = module.process, module.denoiser
         cond = denoiser.condition(inputs, num_frames)
         schedule = process.timesteps(self.num_steps, device=x.device)
@@ -184,15 +275,16 @@ class GRPO(Algorithm):
         m = 0 if known is None else known.shape[2]
         if known is not None:
             known_noise = randn(known.shape, generator=generator, device=x.device, dtype=known.dtype)
-        states, log_probs = [], []
-        for t, t_next in zip(schedule[:-1], schedule[1:]):
+        states, log_probs, kept_means = [], [], {}
+        for j, (t, t_next) in enumerate(zip(schedule[:-1], schedule[1:])):
             if known is not None:
                 x = torch.cat([process.noise(known, known_noise, t.expand(n)).to(x.dtype), x[:, :, m:]], dim=2)
             states.append(x)
             means, stds = [], []
             for part in self.chunks(n):
                 mean, std = self.step_distribution(
-                    denoiser, process, x[part], t, t_next, self.slice_cond(cond, part, n), denoiser.drop_conditions
+                    denoiser, process, x[part], t, t_next, self.slice_cond(cond, part, n), denoiser.drop_conditions,
+                    stochastic=j in stochastic,
                 )
                 means.append(mean)
                 stds.append(std)
@@ -200,18 +292,22 @@ class GRPO(Algorithm):
             if bool((std > 0).all()):
                 sample = mean + std * randn(mean.shape, generator=generator, device=x.device, dtype=mean.dtype)
                 log_probs.append(process.log_prob(sample[:, :, m:], mean[:, :, m:], std))
-            else:  # a deterministic step (the last DDIM / CPS step): no density, never trained
+                if self.ratio_norm:
+                    kept_means[j] = mean
+            else:  # a deterministic step (outside the SDE window, the last DDIM / CPS step): never trained
                 sample = mean
                 log_probs.append(torch.full((n,), float("nan"), device=x.device))
             x = sample.to(x.dtype)
         if known is not None:
             x = torch.cat([known.to(x.dtype), x[:, :, m:]], dim=2)
         states.append(x)
-        return Segment(inputs, num_frames, cond, torch.stack(states), torch.stack(log_probs), free_from=m)
+        return Segment(inputs, num_frames, cond, torch.stack(states), torch.stack(log_probs), free_from=m,
+                       means=kept_means)
 
     def rollouts(self, module: AlignmentModule, batch: dict, num_frames: int, generator: torch.Generator):
         """All rollouts of a batch of conditions: the segments to train on and the decoded videos ``[N, T, ...]``."""
         denoiser, process = module.denoiser, module.process
+        stochastic = self.stochastic_steps(module.global_step)
         n = batch["reference"].shape[0]
         height, width = batch["reference"].shape[-2:]
 
@@ -223,7 +319,7 @@ class GRPO(Algorithm):
             return process.prior((n, *shape), device=module.device, generator=generator)
 
         if self.chunk_frames is None or num_frames <= self.chunk_frames:
-            segment = self.rollout(module, batch, num_frames, prior(num_frames), generator)
+            segment = self.rollout(module, batch, num_frames, prior(num_frames), generator, stochastic=stochastic)
             return [segment], denoiser.decode(segment.states[-1])
 
         size, overlap = self.chunk_frames, self.motion_frames
@@ -232,7 +328,7 @@ class GRPO(Algorithm):
         while True:
             part = denoiser.chunk_inputs(batch, start, size)
             known = codec.encode(videos[-1][:, -overlap:]) if videos else None
-            segment = self.rollout(module, part, size, prior(size), generator, known)
+            segment = self.rollout(module, part, size, prior(size), generator, known, stochastic=stochastic)
             segments.append(segment)
             videos.append(denoiser.decode(segment.states[-1]))
             if start + size >= num_frames:
@@ -303,6 +399,7 @@ class GRPO(Algorithm):
         n = num_conditions * g
         group_ids = torch.arange(num_conditions, device=module.device).repeat_interleave(g)
         generator = self.generator(module)
+        window = self.stochastic_steps(module.global_step)  # as the rollouts see it (the step moves on below)
 
         segments, videos = self.rollouts(module, expanded, num_frames, generator)
         with torch.no_grad():
@@ -332,8 +429,11 @@ class GRPO(Algorithm):
 
         encoder = denoiser.audio_encoder
         encoder_trains = encoder is not None and any(p.requires_grad for p in encoder.parameters())
-        stats = {"ratio": [], "clip_fraction": [], "approx_kl": [], "kl": [], "policy_loss": []}
-        for _ in range(self.inner_epochs):
+        stats = {"ratio": [], "clip_fraction": [], "approx_kl": [], "kl": [], "policy_loss": [], "ratio_drift": []}
+        trained = [p for p in module.parameters() if p.requires_grad] if self.grad_diagnostics else []
+        step_grads: dict[int, list[float]] = {}
+        update_sizes: list[float] = []
+        for epoch in range(self.inner_epochs):
             if empty:
                 # Still the steps of a batch, or max_steps is never reached and the step-keyed rollout noise
                 # repeats. With every .grad None, the optimizer (AdamW) skips every parameter: the weights and its
@@ -345,6 +445,7 @@ class GRPO(Algorithm):
                 continue
             optimizer.zero_grad()
             for s, j in units:
+                grads_before = [None if p.grad is None else p.grad.detach().clone() for p in trained]
                 segment = segments[s]
                 cond = segment.cond
                 if encoder_trains:  # the rollout's conditions were made without a graph
@@ -358,8 +459,12 @@ class GRPO(Algorithm):
                         denoiser, process, x, schedule[j], schedule[j + 1], part_cond, denoiser.drop_conditions
                     )
                     log_prob = process.log_prob(x_next[:, :, m:], mean[:, :, m:], std)
+                    old_log_prob = segment.log_probs[j][part]
+                    if self.ratio_norm:  # the ratio becomes exp(guard_log_ratio)
+                        log_prob = old_log_prob + guard_log_ratio(
+                            log_prob, old_log_prob, mean[:, :, m:], segment.means[j][part][:, :, m:], std)
                     adv = torch.nan_to_num(advantages[part])
-                    per_sample, ratio = ppo_clip_loss(log_prob, segment.log_probs[j][part], adv, self.clip_range)
+                    per_sample, ratio = ppo_clip_loss(log_prob, old_log_prob, adv, self.clip_range)
                     if self.kl_beta > 0:
                         with module.reference() as reference:
                             ref_mean, _ = self.step_distribution(
@@ -381,9 +486,20 @@ class GRPO(Algorithm):
                     stats["clip_fraction"].append(((ratio - 1).abs() > self.clip_range).float())
                     stats["approx_kl"].append(0.5 * (log_prob - segment.log_probs[j][part])[part_valid].detach() ** 2)
                     stats["policy_loss"].append(per_sample[part_valid].detach())
+                    if epoch == self.inner_epochs - 1:  # how far the last pass has moved from the rollout policy
+                        stats["ratio_drift"].append((ratio - 1).abs())
+                if trained:
+                    added = sum(((p.grad if b is None else p.grad - b).float().pow(2).sum() for p, b in
+                                 zip(trained, grads_before) if p.grad is not None), torch.zeros(()))
+                    step_grads.setdefault(j, []).append(float(added.sqrt()))
             if self.max_grad_norm is not None:
                 module.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+            weights_before = [p.detach().clone() for p in trained]
             optimizer.step()
+            if trained:
+                change = sum((p.detach() - b).float().pow(2).sum() for p, b in zip(trained, weights_before))
+                norm = sum(b.float().pow(2).sum() for b in weights_before)
+                update_sizes.append(float((change / norm.clamp_min(1e-30)).sqrt()))
             if scheduler is not None:
                 scheduler.step()
 
@@ -398,6 +514,14 @@ class GRPO(Algorithm):
             if torch.is_tensor(value):
                 finite = value[torch.isfinite(value)]
                 logged[f"reward/{name}"] = finite.float().mean() if finite.numel() else value.new_tensor(float("nan"))
+                logged[f"reward/{name}_group_std"] = group_spread(value.float().cpu(), group_ids.cpu())[0]
+        # The advantage signal: how much the rollouts of a group differ, and how many groups have nothing to learn.
+        logged["reward_group_std"], logged["zero_spread_groups"] = group_spread(total.float().cpu(), group_ids.cpu())
+        for j, norms in sorted(step_grads.items()):
+            logged[f"grad_norm/step_{j}"] = torch.tensor(sum(norms) / len(norms))
+        if update_sizes:
+            logged["update_size"] = torch.tensor(sum(update_sizes) / len(update_sizes))
+        logged["sde_window_start"] = torch.tensor(float(window.start))
         finite_adv = advantages[valid]
         logged.update(
             advantage_mean=finite_adv.mean() if num_valid else advantages.new_tensor(0.0),

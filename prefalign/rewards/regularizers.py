@@ -1,4 +1,5 @@
-"""Guard rewards against reward hacking (FlowPortrait): texture kept as sharp as the reference, no excess jitter."""
+"""Guard rewards against reward hacking (FlowPortrait): texture kept as sharp as the reference, no excess jitter, the
+reference's colours kept."""
 
 from __future__ import annotations
 
@@ -200,3 +201,31 @@ class JitterPenalty(Reward):
         energy = metrics.jitter(videos.to(torch.promote_types(videos.dtype, torch.float32)))
         excess = (energy - self.implied_energy(videos, cond)).clamp(min=0)
         return {self.name: -self.scale * excess}
+
+
+class IdentityReward(Reward):
+    """Staying the person of the reference: ``−scale · identity_drift``, the mean over frames of the distance between
+    the frame's mean colour and the reference's (:func:`prefalign.metrics.identity_drift`).
+
+    It guards the dark-pixel sync expert against its cheapest hack, darkening the face instead of moving the mouth
+    (which shifts every frame's colour away from the reference's); the colour-level stand-in, on TalkingShapes, for
+    the face-embedding similarity to the reference that identity rewards use on real faces.
+
+    Args:
+        scale (float): multiplies the penalty.
+        name (str): the term's name.
+    """
+
+    def __init__(self, scale: float = 1.0, name: str = "identity"):
+        if scale <= 0:
+            raise ValueError(f"scale must be positive, got {scale}")
+        self.scale = scale
+        self.name = name
+
+    def score(self, videos: torch.Tensor, cond: dict) -> dict[str, torch.Tensor]:
+        reference = cond.get("reference")
+        if reference is None:
+            raise ValueError(f"{type(self).__name__} needs 'reference' in the conditions")
+        dtype = torch.promote_types(videos.dtype, torch.float32)
+        drift = metrics.identity_drift(videos.to(dtype), reference.to(device=videos.device, dtype=dtype))
+        return {self.name: -self.scale * drift}
