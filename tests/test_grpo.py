@@ -9,6 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
+from prefalign.algorithms.base import repeat_conditions
 from prefalign.algorithms.grpo import GRPO, gaussian_kl, group_spread, guard_log_ratio, ppo_clip_loss
 from prefalign.data.datamodule import PortraitDataModule
 from prefalign.module import AlignmentModule, LoraSettings
@@ -41,6 +42,12 @@ def fitted(module, talkingshapes, steps=1, batch_size=2, **trainer_args):
 
 def fit(module, talkingshapes, steps=1, batch_size=2, **trainer_args):
     return fitted(module, talkingshapes, steps, batch_size, **trainer_args)[1]
+
+
+def grouped_batch(talkingshapes, conditions: int, group_size: int) -> dict:
+    """A training batch of ``conditions`` clips, each repeated ``group_size`` times as ``GRPO.training_step`` does."""
+    dm = PortraitDataModule(train=str(talkingshapes), batch_size=conditions, num_frames=17, val_fraction=0.0)
+    return repeat_conditions(next(iter(dm.train_dataloader())), group_size)
 
 
 @pytest.mark.parametrize("process", [FlowMatching(), Diffusion(prediction="v", eta=1.0)], ids=["flow-sde", "ddim-eta"])
@@ -134,9 +141,7 @@ def test_same_noise_per_group_starts_a_group_together(talkingshapes):
     torch.manual_seed(0)
     module = AlignmentModule(tiny_wan(), FlowMatching())
     grpo = GRPO(SyncExpert(), group_size=3, num_steps=2, same_noise_per_group=True)
-    dm = PortraitDataModule(train=str(talkingshapes), batch_size=2, num_frames=17, val_fraction=0.0)
-    batch = next(iter(dm.train_dataloader()))
-    expanded = {k: v.repeat_interleave(3, 0) if torch.is_tensor(v) and v.ndim else v for k, v in batch.items()}
+    expanded = grouped_batch(talkingshapes, conditions=2, group_size=3)
     segments, videos = grpo.rollouts(module, expanded, 17, torch.Generator().manual_seed(0))
     start = segments[0].states[0]
     assert torch.equal(start[0], start[2]) and not torch.equal(start[0], start[3])
@@ -149,9 +154,7 @@ def test_chunked_rollouts_join_and_train(talkingshapes):
     torch.manual_seed(0)
     module = AlignmentModule(tiny_wan(), FlowMatching())
     grpo = GRPO(SyncExpert(), group_size=2, num_steps=2, chunk_frames=9, motion_frames=5)
-    dm = PortraitDataModule(train=str(talkingshapes), batch_size=1, num_frames=17, val_fraction=0.0)
-    batch = next(iter(dm.train_dataloader()))
-    expanded = {k: v.repeat_interleave(2, 0) if torch.is_tensor(v) and v.ndim else v for k, v in batch.items()}
+    expanded = grouped_batch(talkingshapes, conditions=1, group_size=2)
     segments, video = grpo.rollouts(module, expanded, 17, torch.Generator().manual_seed(0))
     assert len(segments) == 3 and video.shape == (2, 17, 3, 32, 32)  # 9 + 4 + 4 frames
     assert all(s.free_from == 2 for s in segments[1:])  # 5 given frames = 2 latent frames
@@ -468,9 +471,7 @@ def test_only_the_window_is_stochastic_and_a_group_shares_its_path_until_it(talk
     torch.manual_seed(0)
     module = AlignmentModule(tiny_wan(), FlowMatching())
     grpo = GRPO(SyncExpert(), group_size=3, num_steps=4, sde_window=2, window_start=1, same_noise_per_group=True)
-    dm = PortraitDataModule(train=str(talkingshapes), batch_size=2, num_frames=17, val_fraction=0.0)
-    batch = next(iter(dm.train_dataloader()))
-    expanded = {k: v.repeat_interleave(3, 0) if torch.is_tensor(v) and v.ndim else v for k, v in batch.items()}
+    expanded = grouped_batch(talkingshapes, conditions=2, group_size=3)
     (segment,), _ = grpo.rollouts(module, expanded, 17, torch.Generator().manual_seed(0))
     finite = torch.isfinite(segment.log_probs).all(dim=1)
     assert finite.tolist() == [False, True, True, False]  # the ODE steps have no density
@@ -512,9 +513,7 @@ def test_ratio_norm_reweights_the_steps_by_their_std(talkingshapes):
     torch.manual_seed(0)
     module = AlignmentModule(tiny_wan(), FlowMatching())
     grpo = GRPO(SyncExpert(), group_size=2, num_steps=3, ratio_norm=True)
-    dm = PortraitDataModule(train=str(talkingshapes), batch_size=1, num_frames=17, val_fraction=0.0)
-    batch = next(iter(dm.train_dataloader()))
-    expanded = {k: v.repeat_interleave(2, 0) if torch.is_tensor(v) and v.ndim else v for k, v in batch.items()}
+    expanded = grouped_batch(talkingshapes, conditions=1, group_size=2)
     (segment,), _ = grpo.rollouts(module, expanded, 17, torch.Generator().manual_seed(0))
     process, denoiser = module.process, module.denoiser
     t = process.timesteps(3)
@@ -533,4 +532,5 @@ def test_ratio_norm_reweights_the_steps_by_their_std(talkingshapes):
                                  if g is not None])
     sigma = float(std.flatten()[0])
     assert 0.1 < sigma < 0.7 and float(grads[False].norm()) > 0
-    torch.testing.assert_close(grads[True], sigma * grads[False], rtol=1e-4, atol=1e-9)
+    scale = float(grads[False].abs().max())  # float32 sums: compare at the gradient's own scale
+    torch.testing.assert_close(grads[True], sigma * grads[False], rtol=1e-4, atol=1e-5 * scale)

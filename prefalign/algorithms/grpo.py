@@ -2,10 +2,11 @@
 
 One training step: for each of the batch's B conditions (reference image, audio, pose), ``group_size`` rollouts are
 sampled with the process's stochastic step (the Flow-GRPO SDE on flow matching, DDIM with η > 0 on diffusion),
-keeping every state and the log-prob of every step; the decoded videos are scored by the reward; advantages are
-standardised within each group; then the policy takes ``inner_epochs`` optimizer steps on a random subset of the
-sampler steps, accumulating gradients over those steps, with the PPO-clip loss on the ratio of new to old
-log-probs and an optional KL penalty to the reference policy. A batch in which no rollout on any rank has a
+keeping every state and the log-prob of every step (with ``sde_window``, only MixGRPO's window of steps is
+stochastic, the rest ODE); the decoded videos are scored by the reward; advantages are standardised within each
+group; then the policy takes ``inner_epochs`` optimizer steps on a random subset of the stochastic sampler steps,
+accumulating gradients over those steps, with the PPO-clip loss on the ratio of new to old log-probs (GRPO-Guard's
+normalised ratio with ``ratio_norm``) and an optional KL penalty to the reference policy. A batch in which no rollout on any rank has a
 usable reward (every one dropped by the judge) still takes its optimizer steps, which change nothing.
 """
 
