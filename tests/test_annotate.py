@@ -334,38 +334,40 @@ def test_answers_resume_and_the_last_answer_per_pair_wins(tmp_path, pairs_file, 
     assert "1 earlier judgements replaced" in capsys.readouterr().out
 
 
-def test_a_torn_last_line_is_dropped_with_a_warning_and_never_glued_to_the_next(tmp_path, pairs_file):
-    out = tmp_path / "j.jsonl"
+def answer_the_first_pair_and_stop(pairs_file, out) -> list[str]:
+    """One server answers the first pair and stops; the pairs' ids."""
     ids = ids_of(pairs_file)
     running = Running(pairs_file, out)
     answer(running.url, 0, ids[0], "ann", dict.fromkeys(ASPECTS, "a"))
     running.stop()
+    return ids
+
+
+def resumes_at_the_second_pair(running, out, ids) -> None:
+    """The restarted server counts the first answer done, takes the second, and the file holds both."""
+    try:
+        assert json.loads(request(running.url + "api/state")[2])["done"] == 1
+        answer(running.url, 1, ids[1], "ann", dict.fromkeys(ASPECTS, "b"))
+    finally:
+        running.stop()
+    assert [r["id"] for r in rows_of(out)] == ids[:2]
+
+
+def test_a_torn_last_line_is_dropped_with_a_warning_and_never_glued_to_the_next(tmp_path, pairs_file):
+    out = tmp_path / "j.jsonl"
+    ids = answer_the_first_pair_and_stop(pairs_file, out)
     with open(out, "ab") as handle:  # what a crash in the middle of a write could leave
         handle.write(b'{"id": "' + ids[1].encode() + b'", "video_a": "/x')
     with pytest.warns(UserWarning, match="cut short"):
         running = Running(pairs_file, out)
-    try:
-        assert json.loads(request(running.url + "api/state")[2])["done"] == 1
-        answer(running.url, 1, ids[1], "ann", dict.fromkeys(ASPECTS, "b"))
-    finally:
-        running.stop()
-    assert [r["id"] for r in rows_of(out)] == ids[:2]
+    resumes_at_the_second_pair(running, out, ids)
 
 
 def test_a_whole_last_answer_without_its_line_end_is_kept(tmp_path, pairs_file, recwarn):
     out = tmp_path / "j.jsonl"
-    ids = ids_of(pairs_file)
-    running = Running(pairs_file, out)
-    answer(running.url, 0, ids[0], "ann", dict.fromkeys(ASPECTS, "a"))
-    running.stop()
+    ids = answer_the_first_pair_and_stop(pairs_file, out)
     out.write_bytes(out.read_bytes().rstrip(b"\n"))  # an editor that drops the final newline
-    running = Running(pairs_file, out)
-    try:
-        assert json.loads(request(running.url + "api/state")[2])["done"] == 1
-        answer(running.url, 1, ids[1], "ann", dict.fromkeys(ASPECTS, "b"))
-    finally:
-        running.stop()
-    assert [r["id"] for r in rows_of(out)] == ids[:2]
+    resumes_at_the_second_pair(Running(pairs_file, out), out, ids)
     assert not [w for w in recwarn if "cut short" in str(w.message)]
 
 
