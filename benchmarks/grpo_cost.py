@@ -1,6 +1,6 @@
 """What a GRPO training step costs with each way of running it, side by side: Flow-GRPO's (every sampler step
-stochastic, a random fraction trained) against the demo recipe's (MixGRPO's SDE window, GRPO-Guard's ratio
-normalisation), and any other variant given as command-line overrides of the recipe.
+stochastic, a random fraction trained) against MixGRPO's SDE window with GRPO-Guard's ratio normalisation, and that
+against the demo recipe (which also draws the window's noise on the mouth box only).
 
     python benchmarks/grpo_cost.py [--config recipes/demo/grpo.yaml] [--rounds 3] [--steps 3]
 
@@ -32,7 +32,8 @@ VARIANTS = {
         f"{GRPO_ARGS}sde_window=null", f"{GRPO_ARGS}train_fraction=0.34", f"{GRPO_ARGS}ratio_norm=false",
         f"{GRPO_ARGS}same_noise_per_group=false",
     ],
-    "the recipe (MixGRPO window of 2, GRPO-Guard RatioNorm)": [],
+    "MixGRPO window of 2, GRPO-Guard RatioNorm, noise on every latent": [f"{GRPO_ARGS}explore=all"],
+    "the recipe (the same, noise on the mouth box only)": [],
 }
 
 

@@ -1,6 +1,7 @@
 """GRPO: rollouts with log-probs, the exact first-pass ratio, group advantages, the KL to the reference, training."""
 
 import copy
+import json
 from datetime import timedelta
 from functools import partial
 
@@ -534,3 +535,65 @@ def test_ratio_norm_reweights_the_steps_by_their_std(talkingshapes):
     assert 0.1 < sigma < 0.7 and float(grads[False].norm()) > 0
     scale = float(grads[False].abs().max())  # float32 sums: compare at the gradient's own scale
     torch.testing.assert_close(grads[True], sigma * grads[False], rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_mouth_exploration_draws_noise_on_the_mouth_box_alone_and_trains_on_policy(talkingshapes):
+    """explore: mouth. A stochastic step moves only the mouth box's latents off the step's mean, its log-prob is the
+    density of those latents, and the first pass of the update (RatioNorm, KL) is exactly on policy."""
+    from prefalign.algorithms.sft import mouth_mask
+
+    torch.manual_seed(0)
+    module = AlignmentModule(tiny_wan(), FlowMatching())
+    grpo = GRPO(SyncExpert(), group_size=2, num_steps=3, sde_window=1, explore="mouth", ratio_norm=True)
+    assert "pose" in grpo.required_fields and "pose" not in GRPO(SyncExpert()).required_fields
+    expanded = grouped_batch(talkingshapes, conditions=1, group_size=2)
+    (segment,), _ = grpo.rollouts(module, expanded, 17, torch.Generator().manual_seed(0))
+    region = mouth_mask(module, expanded)
+    assert torch.equal(segment.region, region)
+    inside = region.expand_as(segment.states[1]).bool()
+    assert 0 < float(inside.float().mean()) < 0.5  # a box, not the frame
+    process, denoiser = module.process, module.denoiser
+    t = process.timesteps(3)
+    with torch.no_grad():
+        mean, std = grpo.step_distribution(denoiser, process, segment.states[0], t[0], t[1], segment.cond,
+                                           denoiser.drop_conditions)
+    moved = segment.states[1] - mean
+    assert float(moved[~inside].abs().max()) == 0.0 and float(moved[inside].abs().min()) > 0
+    for i in range(2):
+        keep = inside[i]
+        expected = torch.distributions.Normal(mean[i][keep].double(), float(std.flatten()[0])).log_prob(
+            segment.states[1][i][keep].double()).mean()
+        torch.testing.assert_close(segment.log_probs[0][i], expected.float())
+    grpo = GRPO(SyncExpert(), group_size=2, num_steps=3, sde_window=1, explore="mouth", ratio_norm=True,
+                kl_beta=0.1, anchor_beta=1.0)
+    module = AlignmentModule(tiny_wan(), FlowMatching(), algorithm=grpo, lora=LoraSettings(rank=4),
+                             optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
+    first, second = fit(module, talkingshapes, steps=2, batch_size=1)
+    assert first["train/ratio"] == 1.0 and first["train/trained_steps"] == 1
+    assert first["train/kl"] == 0.0 and first["train/anchor"] == 0.0  # LoRA starts as the reference
+    assert second["train/kl"] > 0.0 and second["train/anchor"] > 0.0
+
+
+def test_the_anchor_outside_the_region_is_the_kl_form_over_the_other_latents():
+    mean, std = torch.randn(2, 3, 4, 5, 5), torch.full((2, 1, 1, 1, 1), 0.5)
+    region = torch.zeros(2, 1, 4, 5, 5)
+    region[:, :, :, 1:3, 1:3] = 1
+    moved = mean + 0.3 * (1 - region)  # the policy differs from the reference outside the region only
+    assert torch.equal(gaussian_kl(moved, mean, std, region), torch.zeros(2))
+    torch.testing.assert_close(gaussian_kl(moved, mean, std, 1 - region), torch.full((2,), 0.09 / 0.5))
+    with pytest.raises(ValueError, match="anchor_beta must be >= 0, and > 0 only with explore: mouth"):
+        GRPO(SyncExpert(), anchor_beta=1.0)
+
+
+def test_mouth_exploration_needs_pose_and_a_known_region(talkingshapes, tmp_path):
+    with pytest.raises(ValueError, match="explore must be 'all' or 'mouth', got 'face'"):
+        GRPO(SyncExpert(), explore="face")
+    rows = [json.loads(line) for line in talkingshapes.read_text().splitlines()[:2]]
+    no_pose = tmp_path / "no_pose.jsonl"
+    no_pose.write_text("".join(json.dumps({"id": r["id"], **{k: str(talkingshapes.parent / r[k]) for k in
+                                                             ("audio", "reference")}}) + "\n" for r in rows))
+    module = AlignmentModule(tiny_wan(), FlowMatching(), algorithm=GRPO(SyncExpert(), group_size=2, num_steps=2,
+                                                                        explore="mouth"))
+    with pytest.raises(Exception, match="pose") as error:
+        fit(module, no_pose, batch_size=1)
+    assert str(no_pose) in str(error.value)

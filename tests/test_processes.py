@@ -322,6 +322,21 @@ def test_log_prob_equals_an_independent_gaussian_density():
                                _ref_log_prob(sample, mean, torch.full_like(sample, 0.3)))
 
 
+def test_a_masked_log_prob_is_the_density_of_the_masked_elements_alone():
+    sample, mean = _data(b=3)
+    std = torch.tensor([0.2, 0.5, 1.5], dtype=DT)
+    mask = (torch.rand(sample.shape[0], 1, *sample.shape[2:]) > 0.6).to(DT)
+    mask[2] = 0  # an empty region: no density, 0
+    got = Process.log_prob(sample, mean, std, mask)
+    for i in range(2):
+        inside = mask[i].expand_as(sample[i]).bool()
+        expected = Normal(mean[i][inside].double(), std[i].double()).log_prob(sample[i][inside].double()).mean()
+        torch.testing.assert_close(got[i], expected.to(got.dtype))
+    assert float(got[2]) == 0.0
+    torch.testing.assert_close(Process.log_prob(sample, mean, std, torch.ones_like(sample)),
+                               Process.log_prob(sample, mean, std))
+
+
 @pytest.mark.parametrize("process", [FlowMatching(), FlowMatching(sde="cps"), Diffusion(prediction="v")])
 def test_log_prob_of_a_stochastic_step(process):
     x, pred = _data()

@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 
 from prefalign.algorithms.base import Algorithm, repeat_conditions, step_generator
+from prefalign.algorithms.sft import mouth_mask
 from prefalign.denoisers.base import frames_of, join_chunks
-from prefalign.processes.base import randn
+from prefalign.processes.base import masked_mean, randn
 from prefalign.rewards.base import Reward
 from prefalign.rewards.composite import CompositeReward, group_advantages
 
@@ -37,7 +38,7 @@ def ppo_clip_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages
 
 
 def guard_log_ratio(log_prob: torch.Tensor, old_log_prob: torch.Tensor, mean: torch.Tensor, old_mean: torch.Tensor,
-                    std: torch.Tensor) -> torch.Tensor:
+                    std: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """GRPO-Guard's RatioNorm (Wang et al., arXiv 2510.22319): the log-ratio of a Gaussian step rescaled by its
     std σ and freed of its negative bias, ``(lp − lp_old)·σ + ‖μ − μ_old‖²/(2σ)``, per sample.
 
@@ -49,9 +50,10 @@ def guard_log_ratio(log_prob: torch.Tensor, old_log_prob: torch.Tensor, mean: to
         log_prob, old_log_prob (Tensor): ``[N]`` element-averaged log-probs under the policy and the rollout policy.
         mean, old_mean (Tensor): ``[N, ...]`` the step means under the policy and the rollout policy.
         std (Tensor): the step's std, ``[N]`` or ``[N, 1, ..., 1]``.
+        mask (Tensor | None): the elements the log-probs average over (a region-restricted step), else all.
     """
     sigma = std.float().reshape(std.shape[0], -1)[:, 0]
-    mse = (mean.float() - old_mean.float()).pow(2).flatten(1).mean(dim=1)
+    mse = masked_mean((mean.float() - old_mean.float()).pow(2), mask)
     return (log_prob - old_log_prob) * sigma + mse / (2 * sigma)
 
 
@@ -69,10 +71,17 @@ def group_spread(values: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.T
     return stds.mean().float(), (stds <= 1e-6).float().mean()
 
 
-def gaussian_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """KL between two Gaussian steps of the same std, per sample, averaged over elements: ``‖μ − μ_ref‖² / (2σ²)``."""
+def gaussian_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """KL between two Gaussian steps of the same std, per sample, averaged over elements (those of ``mask``, where
+    given): ``‖μ − μ_ref‖² / (2σ²)``."""
     per_element = (mean.float() - reference_mean.float()).pow(2) / (2 * std.float().pow(2))
-    return per_element.flatten(1).mean(dim=1)
+    return masked_mean(per_element, mask)
+
+
+def free(region: Optional[torch.Tensor], m: int) -> Optional[torch.Tensor]:
+    """The region's latent frames from ``m`` on (a chunk's generated ones), or None."""
+    return None if region is None else region[:, :, m:]
 
 
 @dataclass
@@ -91,6 +100,8 @@ class Segment:
             log-probs and the KL cover frames from here on.
         means (dict): step -> ``[N, C, F, h, w]`` the rollout policy's mean of that stochastic step (kept only for
             GRPO-Guard's ratio normalisation).
+        region (Tensor | None): ``[N, 1, F, h, w]`` 0/1: the latents the stochastic steps drew noise on (and the
+            log-probs average over) when exploration is restricted to a region; None: all of them.
     """
 
     inputs: dict
@@ -100,6 +111,7 @@ class Segment:
     log_probs: torch.Tensor
     free_from: int = 0
     means: dict = field(default_factory=dict)
+    region: Optional[torch.Tensor] = None
 
 
 class GRPO(Algorithm):
@@ -128,6 +140,19 @@ class GRPO(Algorithm):
         ratio_norm (bool): GRPO-Guard's RatioNorm (see ``guard_log_ratio``): the log-ratio is rescaled by each
             step's std and unbiased, so that every trained step weighs alike in the update and the ratio is centred
             on 1. ``clip_range`` then applies to that normalised ratio.
+        explore (str): where the stochastic steps draw their noise. ``"all"``: every latent (Flow-GRPO).
+            ``"mouth"``: only the latents of the mouth box (located from the ``pose`` keypoints, as SFT's
+            ``mouth_weight``; pose becomes a required field); every other latent takes the step's mean, and
+            log-probs, RatioNorm and the KL average over the box. Localised exploration as in RC-GRPO (Ouyang et
+            al., arXiv 2604.09386, which localises the initial noise of an edit): a group's reward spread then
+            comes from the region the lip-sync reward judges, not from nuisance variation elsewhere, and the
+            policy gradient has no noise directions outside it.
+        anchor_beta (float): with ``explore: mouth``, the weight of an anchor that holds the trained steps' mean
+            to the reference policy's on the latents outside the mouth box, ``‖μ_θ − μ_ref‖²/(2σ_t²)`` averaged
+            over them (the KL's form; there the step is deterministic, so it is not a KL): the rest of the frame,
+            which the exploration does not vary and so the reward cannot credit, keeps the reference's look while
+            the mouth learns (RC-GRPO's non-target preservation, by an anchor instead of an attention reward).
+            0 = off.
         grad_diagnostics (bool): also log the gradient norm each trained step contributes (``grad_norm/step_<j>``)
             and the relative size of each optimizer update (``update_size``, ‖Δθ‖/‖θ‖ over trained parameters);
             costs a copy of the trained gradients and weights.
@@ -150,8 +175,11 @@ class GRPO(Algorithm):
         lr (float | None): the learning rate it is tuned at, in place of the optimizer's (see ``Algorithm.lr``).
     """
 
-    required_fields = ("audio", "reference")
     manual_optimization = True
+
+    @property
+    def required_fields(self) -> tuple[str, ...]:
+        return ("audio", "reference") + (("pose",) if self.explore == "mouth" else ())
 
     def __init__(
         self,
@@ -169,6 +197,8 @@ class GRPO(Algorithm):
         window_shift_every: Optional[int] = None,
         window_stride: int = 1,
         ratio_norm: bool = False,
+        explore: str = "all",
+        anchor_beta: float = 0.0,
         grad_diagnostics: bool = False,
         advantage_clip: float = 5.0,
         global_std: bool = False,
@@ -194,6 +224,11 @@ class GRPO(Algorithm):
         if window_shift_every is not None and (sde_window is None or window_shift_every < 1):
             raise ValueError("GRPO: window_shift_every needs sde_window and must be >= 1 (or None for a fixed window), "
                              f"got {window_shift_every}")
+        if explore not in ("all", "mouth"):
+            raise ValueError(f"GRPO: explore must be 'all' or 'mouth', got {explore!r}")
+        if anchor_beta < 0 or (anchor_beta > 0 and explore != "mouth"):
+            raise ValueError(f"GRPO: anchor_beta must be >= 0, and > 0 only with explore: mouth (it anchors the latents "
+                             f"outside the explored region), got {anchor_beta} with explore {explore!r}")
         if window_stride < 1:
             raise ValueError(f"GRPO: window_stride must be >= 1, got {window_stride}")
         if max_empty_batches is not None and max_empty_batches < 1:
@@ -213,6 +248,8 @@ class GRPO(Algorithm):
         self.window_shift_every = window_shift_every
         self.window_stride = window_stride
         self.ratio_norm = ratio_norm
+        self.explore = explore
+        self.anchor_beta = anchor_beta
         self.grad_diagnostics = grad_diagnostics
         self.advantage_clip = advantage_clip
         self.global_std = global_std
@@ -222,7 +259,7 @@ class GRPO(Algorithm):
         self.seed = seed
         self.max_empty_batches = max_empty_batches
         self.empty_batches = 0  # consecutive batches without a usable reward on any rank
-        self.needs_reference = kl_beta > 0
+        self.needs_reference = kl_beta > 0 or anchor_beta > 0
         self.last_rollouts: dict = {}
 
     # --- the policy's Gaussian step -----------------------------------------------------------------------------
@@ -267,10 +304,12 @@ class GRPO(Algorithm):
                 stochastic: Optional[range] = None) -> Segment:
         """Sample from ``x`` (the prior), storing states and log-probs: the steps in ``stochastic`` (default: all)
         are stochastic, the others deterministic. ``known`` latents fix the first latent frames at every step (a
-        chunk's given frames), noised to the step's level."""
+        chunk's given frames), noised to the step's level. With ``explore: mouth`` the noise is drawn on the
+        mouth box's latents only."""
         stochastic = range(self.num_steps) if stochastic is None else stochastic
         process, denoiser = module.process, module.denoiser
         cond = denoiser.condition(inputs, num_frames)
+        region = mouth_mask(module, inputs).to(x.dtype) if self.explore == "mouth" else None
         schedule = process.timesteps(self.num_steps, device=x.device)
         n = x.shape[0]
         m = 0 if known is None else known.shape[2]
@@ -291,8 +330,9 @@ class GRPO(Algorithm):
                 stds.append(std)
             mean, std = torch.cat(means), torch.cat(stds)
             if bool((std > 0).all()):
-                sample = mean + std * randn(mean.shape, generator=generator, device=x.device, dtype=mean.dtype)
-                log_probs.append(process.log_prob(sample[:, :, m:], mean[:, :, m:], std))
+                noise = randn(mean.shape, generator=generator, device=x.device, dtype=mean.dtype)
+                sample = mean + std * (noise if region is None else noise * region)
+                log_probs.append(process.log_prob(sample[:, :, m:], mean[:, :, m:], std, free(region, m)))
                 if self.ratio_norm:
                     kept_means[j] = mean
             else:  # a deterministic step (outside the SDE window, the last DDIM / CPS step): never trained
@@ -303,7 +343,7 @@ class GRPO(Algorithm):
             x = torch.cat([known.to(x.dtype), x[:, :, m:]], dim=2)
         states.append(x)
         return Segment(inputs, num_frames, cond, torch.stack(states), torch.stack(log_probs), free_from=m,
-                       means=kept_means)
+                       means=kept_means, region=region)
 
     def rollouts(self, module: AlignmentModule, batch: dict, num_frames: int, generator: torch.Generator):
         """All rollouts of a batch of conditions: the segments to train on and the decoded videos ``[N, T, ...]``."""
@@ -430,7 +470,8 @@ class GRPO(Algorithm):
 
         encoder = denoiser.audio_encoder
         encoder_trains = encoder is not None and any(p.requires_grad for p in encoder.parameters())
-        stats = {"ratio": [], "clip_fraction": [], "approx_kl": [], "kl": [], "policy_loss": [], "ratio_drift": []}
+        stats = {"ratio": [], "clip_fraction": [], "approx_kl": [], "kl": [], "policy_loss": [], "ratio_drift": [],
+                 "anchor": []}
         trained = [p for p in module.parameters() if p.requires_grad] if self.grad_diagnostics else []
         step_grads: dict[int, list[float]] = {}
         update_sizes: list[float] = []
@@ -459,21 +500,26 @@ class GRPO(Algorithm):
                     mean, std = self.step_distribution(
                         denoiser, process, x, schedule[j], schedule[j + 1], part_cond, denoiser.drop_conditions
                     )
-                    log_prob = process.log_prob(x_next[:, :, m:], mean[:, :, m:], std)
+                    region = None if segment.region is None else free(segment.region[part], m)
+                    log_prob = process.log_prob(x_next[:, :, m:], mean[:, :, m:], std, region)
                     old_log_prob = segment.log_probs[j][part]
                     if self.ratio_norm:  # the ratio becomes exp(guard_log_ratio)
                         log_prob = old_log_prob + guard_log_ratio(
-                            log_prob, old_log_prob, mean[:, :, m:], segment.means[j][part][:, :, m:], std)
+                            log_prob, old_log_prob, mean[:, :, m:], segment.means[j][part][:, :, m:], std, region)
                     adv = torch.nan_to_num(advantages[part])
                     per_sample, ratio = ppo_clip_loss(log_prob, old_log_prob, adv, self.clip_range)
-                    if self.kl_beta > 0:
+                    if self.needs_reference:
                         with module.reference() as reference:
                             ref_mean, _ = self.step_distribution(
                                 reference, process, x, schedule[j], schedule[j + 1], part_cond,
                                 denoiser.drop_conditions,
                             )
-                        kl = gaussian_kl(mean[:, :, m:], ref_mean[:, :, m:], std)
+                    if self.kl_beta > 0:
+                        kl = gaussian_kl(mean[:, :, m:], ref_mean[:, :, m:], std, region)
                         per_sample = per_sample + self.kl_beta * kl
+                    if self.anchor_beta > 0:
+                        anchor = gaussian_kl(mean[:, :, m:], ref_mean[:, :, m:], std, 1 - region)
+                        per_sample = per_sample + self.anchor_beta * anchor
                     # A part without a valid sample still goes through backward (a zero loss): see above.
                     per_sample = torch.where(part_valid, per_sample, torch.zeros_like(per_sample))
                     loss = per_sample.sum() / (max(num_valid, 1) * len(units))
@@ -482,6 +528,8 @@ class GRPO(Algorithm):
                         continue
                     if self.kl_beta > 0:
                         stats["kl"].append(kl[part_valid].detach())
+                    if self.anchor_beta > 0:
+                        stats["anchor"].append(anchor[part_valid].detach())
                     ratio = ratio[part_valid].detach()
                     stats["ratio"].append(ratio)
                     stats["clip_fraction"].append(((ratio - 1).abs() > self.clip_range).float())

@@ -75,8 +75,9 @@ class Process(ABC):
         return randn(tuple(shape), generator=generator, device=device, dtype=dtype)
 
     @staticmethod
-    def log_prob(sample: Tensor, mean: Tensor, std: Union[Tensor, float]) -> Tensor:
-        """Gaussian log-density of ``sample`` under ``N(mean, std²)``, averaged over all non-batch elements.
+    def log_prob(sample: Tensor, mean: Tensor, std: Union[Tensor, float], mask: Optional[Tensor] = None) -> Tensor:
+        """Gaussian log-density of ``sample`` under ``N(mean, std²)``, averaged over all non-batch elements (or over
+        those where ``mask`` is 1: the elements a region-restricted step draws noise on).
 
         Computed in (at least) float32 whatever the input dtype, as Flow-GRPO does: with the average over many
         elements, bf16 rounding would swamp the differences that the policy ratio measures.
@@ -85,6 +86,7 @@ class Process(ABC):
             sample (Tensor): ``[B, ...]``.
             mean (Tensor): broadcastable to ``sample``.
             std (Tensor | float): a scalar, ``[B]``, or broadcastable to ``sample``; must be positive.
+            mask (Tensor | None): 0/1, broadcastable to ``sample``; a sample whose mask is empty gets 0.
 
         Returns:
             Tensor: ``[B]``.
@@ -102,7 +104,7 @@ class Process(ABC):
         lp = lp.expand(torch.broadcast_shapes(lp.shape, x.shape))
         if lp.ndim <= 1:
             return lp
-        return lp.mean(dim=tuple(range(1, lp.ndim)))
+        return masked_mean(lp, mask)
 
     @torch.no_grad()
     def sample(self, model_fn: Callable[[Tensor, Tensor], Tensor], x_T: Union[Tensor, Sequence[int]],
@@ -163,3 +165,13 @@ def batch_std(std: Tensor, like: Tensor) -> Tensor:
     """``std`` expanded to the canonical ``[B, 1, ..., 1]`` of :class:`StepOutput`."""
     shape = (like.shape[0], *([1] * (like.ndim - 1)))
     return expand(std, like).expand(shape).clone()
+
+
+def masked_mean(values: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """Per-sample mean of ``values [B, ...]`` over its non-batch elements, or over those where ``mask`` (0/1,
+    broadcastable to ``values``) is 1; a sample with an empty mask gets 0."""
+    dims = tuple(range(1, values.ndim))
+    if mask is None:
+        return values.mean(dim=dims)
+    mask = mask.to(values.dtype).expand_as(values)
+    return (values * mask).sum(dim=dims) / mask.sum(dim=dims).clamp_min(1)
