@@ -46,7 +46,7 @@ def server(tmp_path):
                           rejected=("shift", "jitter", "freeze"))
     out = tmp_path / "judgements.jsonl"
     process = subprocess.Popen(
-        [sys.executable, "-m", "prefalign.cli", "annotate", "--pairs", str(pairs), "--out", str(out),
+        [sys.executable, "-X", "faulthandler", "-m", "prefalign.cli", "annotate", "--pairs", str(pairs), "--out", str(out),
          "--annotator", "tester", "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -58,7 +58,14 @@ def server(tmp_path):
     finally:
         process.send_signal(signal.SIGINT)  # the server's own way to stop (Ctrl-C)
         try:
-            assert process.wait(20) == 0
+            try:
+                code = process.wait(20)
+            except subprocess.TimeoutExpired:  # say where it hangs: faulthandler dumps every thread on SIGABRT
+                process.send_signal(signal.SIGABRT)
+                process.wait(10)
+                raise AssertionError("the server did not stop within 20 s of Ctrl-C; its threads:\n"
+                                     + process.stderr.read()[-20000:]) from None
+            assert code == 0, process.stderr.read()
         finally:
             if process.poll() is None:
                 process.kill()

@@ -3,7 +3,7 @@
 One training step: for each of the batch's B conditions (reference image, audio, pose), ``group_size`` rollouts are
 sampled with the process's stochastic step (the Flow-GRPO SDE on flow matching, DDIM with η > 0 on diffusion),
 keeping every state and the log-prob of every step (with ``sde_window``, only MixGRPO's window of steps is
-stochastic, the rest ODE); the decoded videos are scored by the reward; advantages are standardised within each
+stochastic, the rest ODE; with ``explore: mouth``, their noise falls on the mouth box only); the decoded videos are scored by the reward; advantages are standardised within each
 group; then the policy takes ``inner_epochs`` optimizer steps on a random subset of the stochastic sampler steps,
 accumulating gradients over those steps, with the PPO-clip loss on the ratio of new to old log-probs (GRPO-Guard's
 normalised ratio with ``ratio_norm``) and an optional KL penalty to the reference policy. A batch in which no rollout on any rank has a
@@ -147,12 +147,6 @@ class GRPO(Algorithm):
             al., arXiv 2604.09386, which localises the initial noise of an edit): a group's reward spread then
             comes from the region the lip-sync reward judges, not from nuisance variation elsewhere, and the
             policy gradient has no noise directions outside it.
-        anchor_beta (float): with ``explore: mouth``, the weight of an anchor that holds the trained steps' mean
-            to the reference policy's on the latents outside the mouth box, ``‖μ_θ − μ_ref‖²/(2σ_t²)`` averaged
-            over them (the KL's form; there the step is deterministic, so it is not a KL): the rest of the frame,
-            which the exploration does not vary and so the reward cannot credit, keeps the reference's look while
-            the mouth learns (RC-GRPO's non-target preservation, by an anchor instead of an attention reward).
-            0 = off.
         grad_diagnostics (bool): also log the gradient norm each trained step contributes (``grad_norm/step_<j>``)
             and the relative size of each optimizer update (``update_size``, ‖Δθ‖/‖θ‖ over trained parameters);
             costs a copy of the trained gradients and weights.
@@ -198,7 +192,6 @@ class GRPO(Algorithm):
         window_stride: int = 1,
         ratio_norm: bool = False,
         explore: str = "all",
-        anchor_beta: float = 0.0,
         grad_diagnostics: bool = False,
         advantage_clip: float = 5.0,
         global_std: bool = False,
@@ -226,9 +219,6 @@ class GRPO(Algorithm):
                              f"got {window_shift_every}")
         if explore not in ("all", "mouth"):
             raise ValueError(f"GRPO: explore must be 'all' or 'mouth', got {explore!r}")
-        if anchor_beta < 0 or (anchor_beta > 0 and explore != "mouth"):
-            raise ValueError(f"GRPO: anchor_beta must be >= 0, and > 0 only with explore: mouth (it anchors the latents "
-                             f"outside the explored region), got {anchor_beta} with explore {explore!r}")
         if window_stride < 1:
             raise ValueError(f"GRPO: window_stride must be >= 1, got {window_stride}")
         if max_empty_batches is not None and max_empty_batches < 1:
@@ -249,7 +239,6 @@ class GRPO(Algorithm):
         self.window_stride = window_stride
         self.ratio_norm = ratio_norm
         self.explore = explore
-        self.anchor_beta = anchor_beta
         self.grad_diagnostics = grad_diagnostics
         self.advantage_clip = advantage_clip
         self.global_std = global_std
@@ -259,7 +248,7 @@ class GRPO(Algorithm):
         self.seed = seed
         self.max_empty_batches = max_empty_batches
         self.empty_batches = 0  # consecutive batches without a usable reward on any rank
-        self.needs_reference = kl_beta > 0 or anchor_beta > 0
+        self.needs_reference = kl_beta > 0
         self.last_rollouts: dict = {}
 
     # --- the policy's Gaussian step -----------------------------------------------------------------------------
@@ -470,8 +459,7 @@ class GRPO(Algorithm):
 
         encoder = denoiser.audio_encoder
         encoder_trains = encoder is not None and any(p.requires_grad for p in encoder.parameters())
-        stats = {"ratio": [], "clip_fraction": [], "approx_kl": [], "kl": [], "policy_loss": [], "ratio_drift": [],
-                 "anchor": []}
+        stats = {"ratio": [], "clip_fraction": [], "approx_kl": [], "kl": [], "policy_loss": [], "ratio_drift": []}
         trained = [p for p in module.parameters() if p.requires_grad] if self.grad_diagnostics else []
         step_grads: dict[int, list[float]] = {}
         update_sizes: list[float] = []
@@ -508,18 +496,14 @@ class GRPO(Algorithm):
                             log_prob, old_log_prob, mean[:, :, m:], segment.means[j][part][:, :, m:], std, region)
                     adv = torch.nan_to_num(advantages[part])
                     per_sample, ratio = ppo_clip_loss(log_prob, old_log_prob, adv, self.clip_range)
-                    if self.needs_reference:
+                    if self.kl_beta > 0:
                         with module.reference() as reference:
                             ref_mean, _ = self.step_distribution(
                                 reference, process, x, schedule[j], schedule[j + 1], part_cond,
                                 denoiser.drop_conditions,
                             )
-                    if self.kl_beta > 0:
                         kl = gaussian_kl(mean[:, :, m:], ref_mean[:, :, m:], std, region)
                         per_sample = per_sample + self.kl_beta * kl
-                    if self.anchor_beta > 0:
-                        anchor = gaussian_kl(mean[:, :, m:], ref_mean[:, :, m:], std, 1 - region)
-                        per_sample = per_sample + self.anchor_beta * anchor
                     # A part without a valid sample still goes through backward (a zero loss): see above.
                     per_sample = torch.where(part_valid, per_sample, torch.zeros_like(per_sample))
                     loss = per_sample.sum() / (max(num_valid, 1) * len(units))
@@ -528,8 +512,6 @@ class GRPO(Algorithm):
                         continue
                     if self.kl_beta > 0:
                         stats["kl"].append(kl[part_valid].detach())
-                    if self.anchor_beta > 0:
-                        stats["anchor"].append(anchor[part_valid].detach())
                     ratio = ratio[part_valid].detach()
                     stats["ratio"].append(ratio)
                     stats["clip_fraction"].append(((ratio - 1).abs() > self.clip_range).float())
