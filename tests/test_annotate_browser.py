@@ -48,7 +48,10 @@ def server(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-X", "faulthandler", "-m", "prefalign.cli", "annotate", "--pairs", str(pairs), "--out", str(out),
          "--annotator", "tester", "--port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A shell's background job (CI's) runs with SIGINT ignored, which the server would inherit, and Python then
+        # installs no KeyboardInterrupt: Ctrl-C is restored, as a terminal gives it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = process.stdout.readline()
         match = re.search(r"open (http://\S+)", line)
