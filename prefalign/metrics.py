@@ -69,6 +69,9 @@ def mouth_box(
     Returns:
         torch.Tensor: ``[B, T, H, W]`` bool.
     """
+    if pose.ndim != 4 or pose.shape[2] < 4 or pose.shape[3] != 2:
+        raise ValueError(f"pose: the mouth box needs keypoints [B, T, K >= 4, 2] in the TalkingShapes layout (eyes 1 "
+                         f"and 2, mouth 3), got shape {list(pose.shape)}")
     scale = torch.tensor([width, height], dtype=pose.dtype, device=pose.device)
     points = pose * scale  # pixel units
     eye_distance = (points[:, :, 1] - points[:, :, 2]).norm(dim=-1)

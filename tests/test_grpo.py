@@ -570,6 +570,7 @@ def test_mouth_exploration_draws_noise_on_the_mouth_box_alone_and_trains_on_poli
                              optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
     first, second = fit(module, talkingshapes, steps=2, batch_size=1)
     assert first["train/ratio"] == 1.0 and first["train/trained_steps"] == 1
+    assert first["train/unexplored_rollouts"] == 0.0
     assert first["train/kl"] == 0.0  # LoRA starts as the reference
     assert second["train/kl"] > 0.0
 
@@ -586,6 +587,15 @@ def test_a_kl_over_a_region_counts_the_region_alone():
 def test_mouth_exploration_needs_pose_and_a_known_region(talkingshapes, tmp_path):
     with pytest.raises(ValueError, match="explore must be 'all' or 'mouth', got 'face'"):
         GRPO(SyncExpert(), explore="face")
+    module = AlignmentModule(tiny_wan(), FlowMatching())
+    grpo = GRPO(SyncExpert(), group_size=2, num_steps=2, explore="mouth")
+    batch = grouped_batch(talkingshapes, conditions=1, group_size=2)
+    batch["pose"] = batch["pose"][:, :, :3]  # a skeleton without the TalkingShapes mouth point
+    with pytest.raises(ValueError, match=r"pose: the mouth box needs keypoints \[B, T, K >= 4, 2\]"):
+        grpo.rollouts(module, batch, 17, torch.Generator().manual_seed(0))
+    batch["pose"] = torch.full((2, 17, 8, 2), 1.5)  # every keypoint outside the frame: an empty box, nothing explored
+    (segment,), _ = grpo.rollouts(module, batch, 17, torch.Generator().manual_seed(0))
+    assert float(segment.region.sum()) == 0 and bool((segment.log_probs == 0).all())
     rows = [json.loads(line) for line in talkingshapes.read_text().splitlines()[:2]]
     no_pose = tmp_path / "no_pose.jsonl"
     no_pose.write_text("".join(json.dumps({"id": r["id"], **{k: str(talkingshapes.parent / r[k]) for k in
@@ -595,3 +605,19 @@ def test_mouth_exploration_needs_pose_and_a_known_region(talkingshapes, tmp_path
     with pytest.raises(Exception, match="pose") as error:
         fit(module, no_pose, batch_size=1)
     assert str(no_pose) in str(error.value)
+
+
+def test_mouth_exploration_covers_the_generated_frames_of_each_chunk(talkingshapes):
+    """Chunked rollouts: each chunk's region covers its generated latent frames only, and training stays on policy."""
+    torch.manual_seed(0)
+    module = AlignmentModule(tiny_wan(), FlowMatching())
+    grpo = GRPO(SyncExpert(), group_size=2, num_steps=2, chunk_frames=9, motion_frames=5, explore="mouth",
+                ratio_norm=True, train_fraction=1.0)
+    expanded = grouped_batch(talkingshapes, conditions=1, group_size=2)
+    segments, _ = grpo.rollouts(module, expanded, 17, torch.Generator().manual_seed(0))
+    for segment in segments:
+        assert segment.region.shape[2] == segment.states.shape[3] - segment.free_from
+        assert bool(torch.isfinite(segment.log_probs).all())
+    module = AlignmentModule(tiny_wan(), FlowMatching(), algorithm=grpo)
+    row = fit(module, talkingshapes, batch_size=1)[0]
+    assert row["train/trained_steps"] == 6 and row["train/ratio"] == 1.0

@@ -79,11 +79,6 @@ def gaussian_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Ten
     return masked_mean(per_element, mask)
 
 
-def free(region: Optional[torch.Tensor], m: int) -> Optional[torch.Tensor]:
-    """The region's latent frames from ``m`` on (a chunk's generated ones), or None."""
-    return None if region is None else region[:, :, m:]
-
-
 @dataclass
 class Segment:
     """The stored trajectory of one rollout pass (a whole clip, or one chunk of a long one).
@@ -100,8 +95,9 @@ class Segment:
             log-probs and the KL cover frames from here on.
         means (dict): step -> ``[N, C, F, h, w]`` the rollout policy's mean of that stochastic step (kept only for
             GRPO-Guard's ratio normalisation).
-        region (Tensor | None): ``[N, 1, F, h, w]`` 0/1: the latents the stochastic steps drew noise on (and the
-            log-probs average over) when exploration is restricted to a region; None: all of them.
+        region (Tensor | None): ``[N, 1, F − free_from, h, w]`` 0/1 over the generated latent frames: the latents
+            the stochastic steps drew noise on (and the log-probs average over) when exploration is restricted to a
+            region; None: all of them.
     """
 
     inputs: dict
@@ -146,7 +142,8 @@ class GRPO(Algorithm):
             log-probs, RatioNorm and the KL average over the box. Localised exploration as in RC-GRPO (Ouyang et
             al., arXiv 2604.09386, which localises the initial noise of an edit): a group's reward spread then
             comes from the region the lip-sync reward judges, not from nuisance variation elsewhere, and the
-            policy gradient has no noise directions outside it.
+            policy gradient has no noise directions outside it. Rollouts whose box holds no latent (a mouth outside
+            the frame) explore nothing and are counted as ``unexplored_rollouts``.
         grad_diagnostics (bool): also log the gradient norm each trained step contributes (``grad_norm/step_<j>``)
             and the relative size of each optimizer update (``update_size``, ‖Δθ‖/‖θ‖ over trained parameters);
             costs a copy of the trained gradients and weights.
@@ -302,6 +299,7 @@ class GRPO(Algorithm):
         schedule = process.timesteps(self.num_steps, device=x.device)
         n = x.shape[0]
         m = 0 if known is None else known.shape[2]
+        free_region = None if region is None else region[:, :, m:]
         if known is not None:
             known_noise = randn(known.shape, generator=generator, device=x.device, dtype=known.dtype)
         states, log_probs, kept_means = [], [], {}
@@ -321,7 +319,7 @@ class GRPO(Algorithm):
             if bool((std > 0).all()):
                 noise = randn(mean.shape, generator=generator, device=x.device, dtype=mean.dtype)
                 sample = mean + std * (noise if region is None else noise * region)
-                log_probs.append(process.log_prob(sample[:, :, m:], mean[:, :, m:], std, free(region, m)))
+                log_probs.append(process.log_prob(sample[:, :, m:], mean[:, :, m:], std, free_region))
                 if self.ratio_norm:
                     kept_means[j] = mean
             else:  # a deterministic step (outside the SDE window, the last DDIM / CPS step): never trained
@@ -332,7 +330,7 @@ class GRPO(Algorithm):
             x = torch.cat([known.to(x.dtype), x[:, :, m:]], dim=2)
         states.append(x)
         return Segment(inputs, num_frames, cond, torch.stack(states), torch.stack(log_probs), free_from=m,
-                       means=kept_means, region=region)
+                       means=kept_means, region=free_region)
 
     def rollouts(self, module: AlignmentModule, batch: dict, num_frames: int, generator: torch.Generator):
         """All rollouts of a batch of conditions: the segments to train on and the decoded videos ``[N, T, ...]``."""
@@ -488,7 +486,7 @@ class GRPO(Algorithm):
                     mean, std = self.step_distribution(
                         denoiser, process, x, schedule[j], schedule[j + 1], part_cond, denoiser.drop_conditions
                     )
-                    region = None if segment.region is None else free(segment.region[part], m)
+                    region = None if segment.region is None else segment.region[part]
                     log_prob = process.log_prob(x_next[:, :, m:], mean[:, :, m:], std, region)
                     old_log_prob = segment.log_probs[j][part]
                     if self.ratio_norm:  # the ratio becomes exp(guard_log_ratio)
@@ -553,6 +551,9 @@ class GRPO(Algorithm):
         if update_sizes:
             logged["update_size"] = torch.tensor(sum(update_sizes) / len(update_sizes))
         logged["sde_window_start"] = torch.tensor(float(window.start))
+        if self.explore == "mouth":  # a mouth box outside the frame leaves a rollout nothing to explore, or learn
+            empty_region = torch.stack([seg.region.flatten(1).sum(1) == 0 for seg in segments]).any(dim=0)
+            logged["unexplored_rollouts"] = empty_region.float().sum()
         finite_adv = advantages[valid]
         logged.update(
             advantage_mean=finite_adv.mean() if num_valid else advantages.new_tensor(0.0),
