@@ -37,7 +37,8 @@ def clip_scores(
     ``texture`` (high-frequency energy against the reference's: 0 is the reference's, below is blur or grain).
     With ``batch["pose"]``: ``sync_pose_box`` (sync counted in the mouth box of the pose). With a ground truth
     ``batch["video"]``: ``jitter`` (excess over the ground truth's), ``head_offset``, ``sync_ground_truth`` (the
-    ground truth's own sync, the ceiling), ``ssim`` and ``psnr``. Then every term of every reward, as
+    ground truth's own sync, the ceiling), ``ssim`` and ``psnr``; with both, ``jitter_outside_mouth`` (the jitter
+    excess outside the training mouth box, where the mouth's own motion does not count). Then every term of every reward, as
     ``reward/<term>``; a NaN (a judge's dropped sample) stays NaN.
 
     Args:
@@ -69,6 +70,9 @@ def clip_scores(
         scores["sync_ground_truth"] = metrics.sync_score(truth, audio, sample_rate, fps)
         scores["ssim"] = metrics.ssim(video, truth)
         scores["psnr"] = metrics.psnr(video, truth)
+        if batch.get("pose") is not None:
+            outside = ~metrics.training_mouth_box(batch["pose"].to(video.device), *video.shape[-2:])
+            scores["jitter_outside_mouth"] = metrics.jitter(video, truth, keep=outside)
     for reward in rewards or ():
         if not isinstance(reward, Reward):
             raise TypeError(f"rewards must be Reward instances, got {type(reward).__name__}")

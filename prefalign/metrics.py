@@ -83,6 +83,13 @@ def mouth_box(
     return in_x & in_y
 
 
+def training_mouth_box(pose: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The box mouth ± (0.6·d, 0.8·d) that training works on (SFT's ``mouth_weight``, GRPO's ``explore: mouth``,
+    ``JitterPenalty(exclude_mouth=True)``): :func:`mouth_box` with margins wide enough for the widest open mouth.
+    ``[B, T, H, W]`` bool."""
+    return mouth_box(pose, height, width, half_width=0.6, half_height=0.8)
+
+
 def mouth_openness(
     video: torch.Tensor,
     pose: torch.Tensor | None = None,
@@ -156,15 +163,24 @@ def sync_score(
     return pearson(openness, envelope)
 
 
-def _second_difference_energy(video: torch.Tensor) -> torch.Tensor:
+def _second_difference_energy(video: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     _check_video(video)
     if video.shape[1] < 3:
         raise ValueError(f"jitter needs at least 3 frames, got {video.shape[1]}")
     second = video[:, 2:] - 2 * video[:, 1:-1] + video[:, :-2]
-    return second.square().flatten(1).mean(dim=1)
+    if keep is None:
+        return second.square().flatten(1).mean(dim=1)
+    batch, frames, _, height, width = video.shape
+    if keep.shape != (batch, frames, height, width):
+        raise ValueError(f"keep must be [{batch}, {frames}, {height}, {width}], got {tuple(keep.shape)}")
+    # A second difference at frame t reads frames t-1, t and t+1: it counts where the pixel is kept in all three.
+    counted = (keep[:, 2:] & keep[:, 1:-1] & keep[:, :-2]).unsqueeze(2).to(second.dtype)
+    total = (second.square() * counted).flatten(1).sum(dim=1)
+    return total / (counted.flatten(1).sum(dim=1) * video.shape[2])  # 0/0 = NaN: nothing counted
 
 
-def jitter(video: torch.Tensor, ground_truth: torch.Tensor | None = None) -> torch.Tensor:
+def jitter(video: torch.Tensor, ground_truth: torch.Tensor | None = None,
+           keep: torch.Tensor | None = None) -> torch.Tensor:
     """Temporal jitter: mean squared second difference of the frames over time, pixels and channels.
 
     Smooth motion has small second differences; flicker and shaking have large ones.
@@ -173,15 +189,18 @@ def jitter(video: torch.Tensor, ground_truth: torch.Tensor | None = None) -> tor
         video (torch.Tensor): ``[B, T, 3, H, W]`` in [0, 1], T >= 3.
         ground_truth (torch.Tensor | None): same shape; if given, the result is the excess over the ground truth's
             own jitter, which is negative when the video is smoother than the ground truth (a frozen video is).
+        keep (torch.Tensor | None): ``[B, T, H, W]`` bool, the pixels to count (e.g. the complement of the mouth
+            box); the second difference at frame t counts where frames t-1, t and t+1 all keep the pixel, and the
+            mean is over the counted elements (the ground truth's too). A clip with nothing counted gives NaN.
 
     Returns:
         torch.Tensor: ``[B]``.
     """
-    energy = _second_difference_energy(video)
+    energy = _second_difference_energy(video, keep)
     if ground_truth is not None:
         if ground_truth.shape != video.shape:
             raise ValueError(f"ground truth {tuple(ground_truth.shape)} differs from video {tuple(video.shape)}")
-        energy = energy - _second_difference_energy(ground_truth)
+        energy = energy - _second_difference_energy(ground_truth, keep)
     return energy
 
 

@@ -733,13 +733,14 @@ class AlignmentModule(L.LightningModule):
 
 def _reads_pose(reward) -> bool:
     """Whether a reward reads its conditions' pose: ``SyncExpert(use_pose=True)``, ``JitterPenalty`` with
-    ``implied`` ``pose`` or ``auto`` (which takes the pose where there is no ground truth), or a composite of
-    rewards holding one."""
+    ``implied`` ``pose`` or ``auto`` (which takes the pose where there is no ground truth) or with ``exclude_mouth``,
+    or a composite of rewards holding one."""
     if reward is None:
         return False
     if isinstance(getattr(reward, "terms", None), (list, tuple)):
         return any(_reads_pose(term) for term in reward.terms)
-    return bool(getattr(reward, "use_pose", False)) or getattr(reward, "implied", None) in ("pose", "auto")
+    return (bool(getattr(reward, "use_pose", False)) or bool(getattr(reward, "exclude_mouth", False))
+            or getattr(reward, "implied", None) in ("pose", "auto"))
 
 
 def log_image(loggers: list, tag: str, image, step: int) -> None:

@@ -273,3 +273,21 @@ def test_grpo_trains_a_pose_conditioned_model_on_conditions(conditions):
     quiet_trainer(max_steps=1).fit(module, datamodule=dm)
     moved = [name for name, p in module.named_parameters() if name in before and not torch.equal(p, before[name])]
     assert any("motion" in name for name in moved)  # the skeleton branch took part in the update
+
+
+def test_a_jitter_penalty_that_leaves_out_the_mouth_loads_the_pose():
+    """The mouth box comes from the pose: a reward with JitterPenalty(exclude_mouth=True) makes pose a field the
+    training split loads; the raw penalty does not."""
+    from prefalign.algorithms import GRPO
+    from prefalign.module import AlignmentModule
+    from prefalign.processes import FlowMatching
+    from prefalign.rewards import CompositeReward, JitterPenalty, SyncExpert
+
+    from conftest import tiny_wan
+
+    def fields(jitter):
+        reward = CompositeReward([SyncExpert(), jitter])
+        return AlignmentModule(tiny_wan(), FlowMatching(), algorithm=GRPO(reward, group_size=2)).data_fields()
+
+    assert "pose" in fields(JitterPenalty(implied="none", exclude_mouth=True))
+    assert "pose" not in fields(JitterPenalty(implied="none"))

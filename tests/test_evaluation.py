@@ -100,7 +100,7 @@ def test_clip_scores_keys_follow_the_batch(clip_batch) -> None:
     clip_batch = _two_clips(clip_batch)
     video = _noisy(clip_batch["video"])
     full = _score(video, clip_batch)
-    assert set(full) == BASE | WITH_TRUTH | {"sync_pose_box"}
+    assert set(full) == BASE | WITH_TRUTH | {"sync_pose_box", "jitter_outside_mouth"}
     for value in full.values():
         assert value.shape == (2,) and torch.isfinite(value).all()
     without_pose = {key: value for key, value in clip_batch.items() if key != "pose"}
@@ -111,6 +111,7 @@ def test_clip_scores_keys_follow_the_batch(clip_batch) -> None:
     truth = _score(clip_batch["video"], clip_batch)
     torch.testing.assert_close(truth["ssim"], torch.ones(2), rtol=0, atol=1e-12)
     assert truth["psnr"].isinf().all() and (truth["jitter"] == 0).all() and (truth["head_offset"] == 0).all()
+    assert (truth["jitter_outside_mouth"] == 0).all() and (full["jitter_outside_mouth"] > 0).all()
     assert torch.equal(truth["sync"], truth["sync_ground_truth"])
     assert (full["ssim"] < 1).all() and torch.isfinite(full["psnr"]).all()
 
@@ -121,7 +122,8 @@ def test_clip_scores_add_every_reward_term(clip_batch) -> None:
     sync = SyncExpert(sample_rate=CFG.sample_rate, fps=CFG.fps)
     rewards = [sync, CompositeReward([TextureReward(), JitterPenalty()])]
     scores = _score(video, clip_batch, rewards)
-    assert set(scores) == BASE | WITH_TRUTH | {"sync_pose_box", "reward/sync", "reward/texture", "reward/jitter"}
+    assert set(scores) == BASE | WITH_TRUTH | {"sync_pose_box", "jitter_outside_mouth", "reward/sync", "reward/texture",
+                                               "reward/jitter"}
     assert torch.equal(scores["reward/sync"], scores["sync"])  # the same expert, without the pose box
     assert torch.equal(scores["reward/texture"], scores["texture"])
     assert (scores["reward/jitter"] < 0).all()  # noise adds jitter over the ground truth's

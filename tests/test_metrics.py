@@ -80,6 +80,29 @@ def test_jitter_of_linear_motion_is_zero_and_excess_can_be_negative() -> None:
     assert (metrics.jitter(ramp, ground_truth=flicker) < 0).all()
 
 
+def test_jitter_over_kept_pixels_is_the_mean_over_the_counted_elements() -> None:
+    """With ``keep``, the second difference at frame t counts where frames t-1, t and t+1 keep the pixel, and the
+    mean runs over those elements only."""
+    video = torch.rand(2, 5, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    keep = torch.ones(2, 5, 4, 4, dtype=torch.bool)
+    keep[0, :, :2] = False  # clip 0: the top half is never counted
+    keep[1, 3, 0, 0] = False  # clip 1: one pixel left out at frame 3, so from the differences at frames 2, 3 and 4
+    second = (video[:, 2:] - 2 * video[:, 1:-1] + video[:, :-2]).square()  # [2, 3, 3, 4, 4], frames 1..3 centred
+    expected_0 = second[0, :, :, 2:].mean()
+    counted = torch.ones(3, 4, 4, dtype=torch.bool)
+    counted[1:, 0, 0] = False  # centred at frames 2 and 3, each reading frame 3
+    expected_1 = second[1].permute(1, 0, 2, 3)[:, counted].mean()
+    torch.testing.assert_close(metrics.jitter(video, keep=keep), torch.stack([expected_0, expected_1]))
+    # All kept is the plain metric; the ground truth is measured over the same pixels.
+    torch.testing.assert_close(metrics.jitter(video, keep=torch.ones_like(keep)), metrics.jitter(video))
+    truth = video.flip(1)
+    torch.testing.assert_close(metrics.jitter(video, truth, keep),
+                               metrics.jitter(video, keep=keep) - metrics.jitter(truth, keep=keep))
+    assert metrics.jitter(video, keep=torch.zeros_like(keep)).isnan().all()  # nothing counted
+    with pytest.raises(ValueError, match="keep must be"):
+        metrics.jitter(video, keep=keep[:, :4])
+
+
 def test_identity_drift_is_the_mean_colour_distance() -> None:
     reference = torch.full((1, 3, 4, 4), 0.5)
     video = torch.full((1, 5, 3, 4, 4), 0.5)

@@ -187,6 +187,38 @@ def test_jitter_sources_and_scale(clips) -> None:
         JitterPenalty(implied="pose").score(shuffled, {**without_truth, "pose": cond["pose"][:, :5]})
 
 
+def test_jitter_without_the_mouth_lets_the_mouth_move_and_still_catches_flicker_elsewhere(clips) -> None:
+    """exclude_mouth: the mouth's own motion (what the audio implies, the sync term's to judge) costs nothing, a
+    flicker outside the mouth box costs as much as it would anywhere, and both energies leave the box out."""
+    for clip in clips:
+        cond = _cond(clip)
+        without_truth = {key: value for key, value in cond.items() if key != "video"}
+        height, width = cond["video"].shape[-2:]
+        box = metrics.training_mouth_box(cond["pose"], height, width)  # [1, T, H, W]
+        # The mouth opened three times as wide as the truth's: a change inside the box only.
+        still = _video(synthetic.render(clip.identity, clip.pose, np.zeros(CFG.num_frames), CFG))
+        wide = _video(synthetic.render(clip.identity, clip.pose, np.clip(3 * clip.mouth, 0, 1), CFG))
+        assert not ((wide - still).abs().sum(2) > 0)[~box].any()  # the box holds every pixel of the mouth
+        assert JitterPenalty(implied="pose").score(wide, without_truth)["jitter"] < JitterPenalty(
+            implied="pose").score(still, without_truth)["jitter"]  # the whole-frame penalty counts the mouth
+        outside = JitterPenalty(implied="pose", exclude_mouth=True)
+        assert outside.score(wide, without_truth)["jitter"].item() == outside.score(still, without_truth)["jitter"].item()
+        # A flicker outside the box is penalised; the same energy is measured by the metric over the kept pixels.
+        flicker = cond["video"].clone()
+        flicker[:, 4][(~box[:, 4]).unsqueeze(1).expand_as(flicker[:, 4])] += 0.2
+        flicker = flicker.clamp(0, 1)
+        excess = JitterPenalty(implied="ground_truth", exclude_mouth=True, scale=10.0).score(flicker, cond)["jitter"]
+        expected = -10.0 * metrics.jitter(flicker, cond["video"], keep=~box).clamp(min=0)
+        torch.testing.assert_close(excess, expected)
+        assert excess.item() < -0.003
+        # The truth scores 0 against itself with the box left out.
+        assert JitterPenalty(exclude_mouth=True).score(cond["video"], cond)["jitter"].item() == 0.0
+    with pytest.raises(ValueError, match="exclude_mouth=True\\) needs 'pose'"):
+        JitterPenalty(implied="none", exclude_mouth=True).score(cond["video"], {})
+    with pytest.raises(ValueError, match="frame by frame"):
+        JitterPenalty(implied="none", exclude_mouth=True).score(cond["video"], {"pose": cond["pose"][:, :5]})
+
+
 def test_batched_scores_equal_one_by_one(clips, batch) -> None:
     spoiled = torch.cat(
         [_box_blur(batch["video"][:1]), _shuffled(batch["video"][1:2]), _noisy(batch["video"][2:], 0.03)]

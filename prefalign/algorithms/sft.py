@@ -71,5 +71,4 @@ def mouth_mask(module, batch: dict) -> torch.Tensor:
     """``[B, 1, F, h, w]``: 1 on the latents that encode a pixel of the box mouth ± (0.6·d, 0.8·d) located from the
     ``pose`` keypoints (d the eye distance), 0 elsewhere."""
     height, width = batch["reference"].shape[-2:]
-    box = metrics.mouth_box(batch["pose"], height, width, half_width=0.6, half_height=0.8)
-    return module.denoiser.codec.pool_mask(box)
+    return module.denoiser.codec.pool_mask(metrics.training_mouth_box(batch["pose"], height, width))

@@ -129,6 +129,12 @@ class JitterPenalty(Reward):
       estimate, so ``motion_gain=2`` suits it.
     - ``"none"``: 0, i.e. the raw second-difference energy is penalised.
 
+    With ``exclude_mouth=True`` both energies leave out the mouth box (mouth ± (0.6·d, 0.8·d) from the TalkingShapes
+    keypoints of ``cond["pose"]``, d the eye distance; :func:`prefalign.metrics.training_mouth_box`): the mouth's
+    motion is what the audio implies, and the sync term judges it, so a penalty that counted it would pull against
+    lip sync. On TalkingShapes the base model's jitter beyond the ground truth lies outside the box (its mouth moves
+    less than the ground truth's), so this is where a guard belongs.
+
     Smoother than implied is never rewarded (a frozen video is not better than the ground truth). Magnitudes are
     small: on TalkingShapes the ground truth's raw energy is 0.002–0.007 and frame-shuffled clips 0.01–0.04, so
     weight or normalise the term in a composite (or raise ``scale``).
@@ -140,6 +146,7 @@ class JitterPenalty(Reward):
             (x times the width, y times the height), 1.0 for keypoints already in pixels.
         motion_gain (float): multiplies the pose-implied energy.
         scale (float): multiplies the penalty.
+        exclude_mouth (bool): measure both energies outside the mouth box only; needs ``pose`` in the conditions.
         name (str): the term's name.
     """
 
@@ -149,6 +156,7 @@ class JitterPenalty(Reward):
         pose_scale: Optional[float] = None,
         motion_gain: float = 1.0,
         scale: float = 1.0,
+        exclude_mouth: bool = False,
         name: str = "jitter",
     ):
         if implied not in ("auto", "ground_truth", "pose", "none"):
@@ -161,6 +169,7 @@ class JitterPenalty(Reward):
         self.pose_scale = pose_scale
         self.motion_gain = motion_gain
         self.scale = scale
+        self.exclude_mouth = exclude_mouth
         self.name = name
 
     def _source(self, cond: dict) -> str:
@@ -173,8 +182,23 @@ class JitterPenalty(Reward):
             return "ground_truth"
         return "pose" if cond.get("pose") is not None else "none"
 
-    def implied_energy(self, videos: torch.Tensor, cond: dict) -> torch.Tensor:
-        """The second-difference energy ``[B]`` the conditions account for (see the class docstring)."""
+    def keep(self, videos: torch.Tensor, cond: dict) -> Optional[torch.Tensor]:
+        """The pixels ``[B, T, H, W]`` the energies count: all (None), or outside the mouth box."""
+        if not self.exclude_mouth:
+            return None
+        pose = cond.get("pose")
+        if pose is None:
+            raise ValueError(f"{type(self).__name__}(exclude_mouth=True) needs 'pose' in the conditions")
+        height, width = videos.shape[-2:]
+        pose = pose.to(device=videos.device, dtype=torch.promote_types(videos.dtype, torch.float32))
+        if pose.shape[:2] != videos.shape[:2]:
+            raise ValueError(f"pose {tuple(pose.shape)} does not cover video {tuple(videos.shape)} frame by frame")
+        return ~metrics.training_mouth_box(pose, height, width)
+
+    def implied_energy(self, videos: torch.Tensor, cond: dict, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The second-difference energy ``[B]`` the conditions account for (see the class docstring), over the
+        pixels ``keep`` (all when None) for the ground truth; the pose's estimate is per pixel of the moving
+        content either way."""
         batch, frames = videos.shape[:2]
         source = self._source(cond)
         dtype = torch.promote_types(videos.dtype, torch.float32)
@@ -182,7 +206,7 @@ class JitterPenalty(Reward):
             truth = cond["video"].to(device=videos.device, dtype=dtype)
             if truth.shape != videos.shape:
                 raise ValueError(f"ground truth {tuple(truth.shape)} differs from video {tuple(videos.shape)}")
-            return metrics.jitter(truth)
+            return metrics.jitter(truth, keep=keep)
         if source == "pose":
             pose = cond["pose"].to(device=videos.device, dtype=dtype)
             if pose.ndim != 4 or pose.shape[:2] != (batch, frames) or pose.shape[-1] != 2:
@@ -198,8 +222,9 @@ class JitterPenalty(Reward):
 
     def score(self, videos: torch.Tensor, cond: dict) -> dict[str, torch.Tensor]:
         metrics._check_video(videos)
-        energy = metrics.jitter(videos.to(torch.promote_types(videos.dtype, torch.float32)))
-        excess = (energy - self.implied_energy(videos, cond)).clamp(min=0)
+        keep = self.keep(videos, cond)
+        energy = metrics.jitter(videos.to(torch.promote_types(videos.dtype, torch.float32)), keep=keep)
+        excess = (energy - self.implied_energy(videos, cond, keep)).clamp(min=0)
         return {self.name: -self.scale * excess}
 
 
