@@ -171,8 +171,9 @@ def _second_difference_energy(video: torch.Tensor, keep: torch.Tensor | None = N
     if keep is None:
         return second.square().flatten(1).mean(dim=1)
     batch, frames, _, height, width = video.shape
-    if keep.shape != (batch, frames, height, width):
-        raise ValueError(f"keep must be [{batch}, {frames}, {height}, {width}], got {tuple(keep.shape)}")
+    if keep.shape != (batch, frames, height, width) or keep.dtype != torch.bool:
+        raise ValueError(f"keep must be bool [{batch}, {frames}, {height}, {width}], got {keep.dtype} "
+                         f"{tuple(keep.shape)}")
     # A second difference at frame t reads frames t-1, t and t+1: it counts where the pixel is kept in all three.
     counted = (keep[:, 2:] & keep[:, 1:-1] & keep[:, :-2]).unsqueeze(2).to(second.dtype)
     total = (second.square() * counted).flatten(1).sum(dim=1)

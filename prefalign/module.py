@@ -446,7 +446,7 @@ class AlignmentModule(L.LightningModule):
         the algorithm's reward reads it. The data module's training split loads no optional column outside them
         (a pose column is then ignored there, broken or not); evaluation splits still give pose to the metrics."""
         fields = set(self.denoiser.required_fields) | set(self.algorithm.required_fields)
-        if _reads_pose(getattr(self.algorithm, "reward", None)):
+        if getattr(getattr(self.algorithm, "reward", None), "reads_pose", False):
             fields.add("pose")
         return fields
 
@@ -729,18 +729,6 @@ class AlignmentModule(L.LightningModule):
         jitter and head offset, SSIM and PSNR against the ground truth, and every term of the algorithm's reward."""
         reward = getattr(self.algorithm, "reward", None)
         return evaluation.clip_scores(video, batch, self.denoiser.fps, self.sample_rate, [reward] if reward else None)
-
-
-def _reads_pose(reward) -> bool:
-    """Whether a reward reads its conditions' pose: ``SyncExpert(use_pose=True)``, ``JitterPenalty`` with
-    ``implied`` ``pose`` or ``auto`` (which takes the pose where there is no ground truth) or with ``exclude_mouth``,
-    or a composite of rewards holding one."""
-    if reward is None:
-        return False
-    if isinstance(getattr(reward, "terms", None), (list, tuple)):
-        return any(_reads_pose(term) for term in reward.terms)
-    return (bool(getattr(reward, "use_pose", False)) or bool(getattr(reward, "exclude_mouth", False))
-            or getattr(reward, "implied", None) in ("pose", "auto"))
 
 
 def log_image(loggers: list, tag: str, image, step: int) -> None:

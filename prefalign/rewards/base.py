@@ -12,6 +12,9 @@ class Reward:
     ``video``). Rewards are plain classes configured by ``class_path``; higher is better for every term.
     """
 
+    reads_pose: bool = False
+    """Whether ``score`` reads ``cond["pose"]``: the training split then loads the pose column."""
+
     def score(self, videos: torch.Tensor, cond: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 

@@ -147,6 +147,10 @@ class CompositeReward(Reward):
         return terms
 
     @property
+    def reads_pose(self) -> bool:
+        return any(child.reads_pose for child in self.terms)
+
+    @property
     def mask_terms(self) -> tuple[str, ...]:
         """Terms that are validity masks, not rewards (a judge's ``judge_valid``): 0 marks a dropped sample."""
         return tuple(name for child in self.terms for name in getattr(child, "mask_terms", ()))

@@ -172,6 +172,12 @@ class JitterPenalty(Reward):
         self.exclude_mouth = exclude_mouth
         self.name = name
 
+    @property
+    def reads_pose(self) -> bool:
+        """``implied`` ``pose`` or ``auto`` (which takes the pose where there is no ground truth), or
+        ``exclude_mouth``."""
+        return self.exclude_mouth or self.implied in ("pose", "auto")
+
     def _source(self, cond: dict) -> str:
         if self.implied != "auto":
             needed = {"ground_truth": "video", "pose": "pose"}.get(self.implied)
@@ -182,24 +188,29 @@ class JitterPenalty(Reward):
             return "ground_truth"
         return "pose" if cond.get("pose") is not None else "none"
 
+    @staticmethod
+    def _pose(videos: torch.Tensor, cond: dict) -> torch.Tensor:
+        """``cond["pose"]`` on the videos' device, checked to give K keypoints for every frame."""
+        batch, frames = videos.shape[:2]
+        pose = cond["pose"].to(device=videos.device, dtype=torch.promote_types(videos.dtype, torch.float32))
+        if pose.ndim != 4 or pose.shape[:2] != (batch, frames) or pose.shape[-1] != 2:
+            raise ValueError(f"expected pose [{batch}, {frames}, K, 2], covering the video frame by frame, got "
+                             f"{tuple(pose.shape)}")
+        return pose
+
     def keep(self, videos: torch.Tensor, cond: dict) -> Optional[torch.Tensor]:
         """The pixels ``[B, T, H, W]`` the energies count: all (None), or outside the mouth box."""
         if not self.exclude_mouth:
             return None
-        pose = cond.get("pose")
-        if pose is None:
+        if cond.get("pose") is None:
             raise ValueError(f"{type(self).__name__}(exclude_mouth=True) needs 'pose' in the conditions")
-        height, width = videos.shape[-2:]
-        pose = pose.to(device=videos.device, dtype=torch.promote_types(videos.dtype, torch.float32))
-        if pose.shape[:2] != videos.shape[:2]:
-            raise ValueError(f"pose {tuple(pose.shape)} does not cover video {tuple(videos.shape)} frame by frame")
-        return ~metrics.training_mouth_box(pose, height, width)
+        return ~metrics.training_mouth_box(self._pose(videos, cond), *videos.shape[-2:])
 
     def implied_energy(self, videos: torch.Tensor, cond: dict, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The second-difference energy ``[B]`` the conditions account for (see the class docstring), over the
         pixels ``keep`` (all when None) for the ground truth; the pose's estimate is per pixel of the moving
         content either way."""
-        batch, frames = videos.shape[:2]
+        batch = videos.shape[0]
         source = self._source(cond)
         dtype = torch.promote_types(videos.dtype, torch.float32)
         if source == "ground_truth":
@@ -208,9 +219,7 @@ class JitterPenalty(Reward):
                 raise ValueError(f"ground truth {tuple(truth.shape)} differs from video {tuple(videos.shape)}")
             return metrics.jitter(truth, keep=keep)
         if source == "pose":
-            pose = cond["pose"].to(device=videos.device, dtype=dtype)
-            if pose.ndim != 4 or pose.shape[:2] != (batch, frames) or pose.shape[-1] != 2:
-                raise ValueError(f"expected pose [{batch}, {frames}, K, 2], got {tuple(pose.shape)}")
+            pose = self._pose(videos, cond)
             # Without a reference, the first generated frame stands in as the picture that moves.
             reference = cond.get("reference")
             reference = videos[:, 0] if reference is None else reference

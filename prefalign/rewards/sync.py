@@ -24,6 +24,10 @@ class SyncExpert(Reward):
         self.fps = fps
         self.use_pose = use_pose
 
+    @property
+    def reads_pose(self) -> bool:
+        return self.use_pose
+
     def score(self, videos: torch.Tensor, cond: dict) -> dict[str, torch.Tensor]:
         pose = cond.get("pose") if self.use_pose else None
         return {"sync": metrics.sync_score(videos, cond["audio"], self.sample_rate, self.fps, pose=pose)}
