@@ -21,7 +21,7 @@ from prefalign.paper_metrics import EvaluationSettings, PaperMetrics
 from prefalign.algorithms.base import Algorithm, per_sample_mse
 from prefalign.algorithms.sft import SFT
 from prefalign.data import media
-from prefalign.data.datamodule import SkipSummary
+from prefalign.data.skips import SkipSummary
 from prefalign.data.errors import DataError
 from prefalign.files import atomic_write, inside
 from prefalign.denoisers.base import PortraitDenoiser, frames_of, join_chunks

@@ -567,7 +567,7 @@ class CachedClipDataset(Dataset):
 
     def __getitem__(self, key: Union[int, tuple[int, int]]):
         # Imported here: the data module imports this file.
-        from prefalign.data.datamodule import Skipped, load_or_stand_in
+        from prefalign.data.skips import Skipped, load_or_stand_in
 
         def skipped(i: int, error: DataError) -> Skipped:
             entry = self.cache.entries[self.indices[i]]

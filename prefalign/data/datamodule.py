@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from prefalign.data import media
 from prefalign.data.errors import DataError
 from prefalign.data.schema import MEDIA_COLUMNS, Manifest, load_manifest
+from prefalign.data.skips import Skipped, load_or_stand_in
 from prefalign.secrets import get_logger
 
 log = get_logger(__name__)
@@ -97,45 +98,6 @@ def _check_npy_header(handle, size: int, path: str, field: str) -> None:
     if needed > size - handle.tell():
         raise DataError(f"the header says {list(shape)} {dtype} ({needed} bytes), the file holds "
                         f"{size - handle.tell()} bytes of data", path=path, field=field)
-
-
-@dataclass
-class Skipped:
-    """What a bad sample becomes under ``on_bad_sample: skip``: the collate counts it, training logs it."""
-
-    id: str
-    shard: str
-    """The manifest (or cache shard) the sample came from: skips are summed per shard at the end of an epoch."""
-    path: Optional[str]
-    field: Optional[str]
-    reason: str
-
-
-#: How many following samples a bad one's stand-in is looked for among (see :func:`load_or_stand_in`).
-STAND_IN_TRIES = 16
-
-
-def load_or_stand_in(index: int, size: int, load: Callable[[int], dict], skipped: Callable[[int, DataError], Skipped],
-                     skip: bool) -> Union[dict, Skipped]:
-    """Sample ``index`` through ``load``. A bad one raises under ``raise``; under ``skip`` it is logged and replaced
-    by the next sample that loads, which carries the bad one's :class:`Skipped` record (``skipped_samples``) for the
-    collate to count. Batches so keep their size: under DDP a rank with an empty batch would skip its backward and
-    stall the others at the gradient all-reduce. Only when none of the next ``STAND_IN_TRIES`` loads either is the
-    record returned alone (the collate drops it)."""
-    try:
-        return load(index)
-    except DataError as error:
-        if not skip:
-            raise
-        log.warning("skipping a bad sample: %s", error)
-        record = skipped(index, error)
-    for offset in range(1, min(size, STAND_IN_TRIES + 1)):
-        try:
-            item = load((index + offset) % size)
-        except DataError:
-            continue  # counted when its own turn comes
-        return {**item, "skipped_samples": [record]}
-    return record
 
 
 class ClipDataset(Dataset):
@@ -438,36 +400,6 @@ def _misfit(key: str, signature, common) -> str:
             return f"{text}: every pose file must give the same keypoints"
         return f"{text}: clips of one batch must have one frame size (resize the videos to one size, or batch_size 1)"
     return f"'{key}' is {signature}, {common} in the other clips of its batch"
-
-
-class SkipSummary:
-    """Skipped samples of an epoch, by shard (manifest or cache shard) and reason: what ``on_bad_sample: skip``
-    dropped, reported at the end of each epoch."""
-
-    def __init__(self):
-        self.by_shard: Counter = Counter()
-        self.reasons: dict[str, Counter] = {}
-        self.unknown = 0
-
-    def add(self, batch: dict) -> None:
-        records = batch.get("skipped_samples", [])
-        for record in records:
-            self.by_shard[record.shard] += 1
-            reason = f"{record.field or 'row'}: {record.reason}"
-            self.reasons.setdefault(record.shard, Counter())[reason] += 1
-        self.unknown += int(batch.get("skipped", 0)) - len(records)
-
-    @property
-    def total(self) -> int:
-        return sum(self.by_shard.values()) + self.unknown
-
-    def report(self, title: str) -> str:
-        """One line per shard with its count and most common reasons."""
-        lines = [f"{title}: {self.total} samples skipped"]
-        for shard, count in self.by_shard.most_common():
-            common = "; ".join(f"{n}x {reason}" for reason, n in self.reasons[shard].most_common(3))
-            lines.append(f"  {shard}: {count} ({common})")
-        return "\n".join(lines)
 
 
 def check_unique_ids(manifest: Manifest, indices: list[int], split: str) -> None:
