@@ -8,8 +8,7 @@ import math
 import numbers
 import os
 from collections import Counter
-from dataclasses import dataclass
-from typing import Callable, Iterator, Literal, Optional, Union
+from typing import Iterator, Literal, Optional, Union
 
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
