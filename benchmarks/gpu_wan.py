@@ -61,7 +61,8 @@ if str(ROOT) not in sys.path:
 from prefalign.algorithms import GRPO, SFT, DiffusionDPO  # noqa: E402
 from prefalign.algorithms.base import Algorithm  # noqa: E402
 from prefalign.denoisers import Codec, MelAudioEncoder, WanDenoiser  # noqa: E402
-from prefalign.module import AlignmentModule, LoraSettings  # noqa: E402
+from prefalign.lora import LoraSettings  # noqa: E402
+from prefalign.module import AlignmentModule  # noqa: E402
 from prefalign.processes import FlowMatching  # noqa: E402
 from prefalign.rewards import TextureReward  # noqa: E402
 
@@ -327,7 +328,7 @@ def loss_step(module: AlignmentModule, optimizer: torch.optim.Optimizer, batch: 
     """``algorithm.loss`` under bf16 autocast as Lightning's ``bf16-mixed`` runs the training step, then backward,
     gradient clipping by norm where the algorithm sets it (as Lightning does), the optimizer step and ``zero_grad``."""
     with torch.autocast(module.device.type, dtype=torch.bfloat16):
-        loss, _ = module.algorithm.loss(module, batch)
+        loss, _ = module.algorithm.loss(module.policy, batch)
     loss.backward()
     if module.algorithm.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(module.trainable_parameters(), module.algorithm.max_grad_norm)

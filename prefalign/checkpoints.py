@@ -23,8 +23,12 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from torch import nn
 
+from prefalign import lora
 from prefalign.data.errors import DataError
 from prefalign.files import atomic_write, remove_stale_temps
+from prefalign.secrets import get_logger
+
+log = get_logger(__name__)
 
 #: Wrapper names that FSDP and activation checkpointing insert into parameter names but not into state dict keys.
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -160,20 +164,6 @@ def gathered_objects(module, value) -> list:
     return gathered
 
 
-def lora_metadata(module) -> Optional[dict]:
-    """The LoRA settings of a module as peft needs them (``None`` for full fine-tuning)."""
-    settings = module.lora
-    if settings is None:
-        return None
-    return {
-        "rank": settings.rank,
-        "alpha": settings.alpha if settings.alpha is not None else settings.rank,
-        "dropout": settings.dropout,
-        "target_modules": list(settings.target_modules or module.denoiser.default_lora_targets),
-        "train_new_modules": settings.train_new_modules,
-    }
-
-
 def run_metadata(module) -> dict:
     """What ``checkpoint["prefalign"]`` records: enough to write an adapter and its model card."""
     return {
@@ -181,9 +171,70 @@ def run_metadata(module) -> dict:
         "algorithm": module.algorithm.name,
         "denoiser": type(module.denoiser).__name__,
         "base_model": getattr(module.denoiser, "pretrained", None),
-        "lora": lora_metadata(module),
+        "lora": lora.resolved(module.lora, module.denoiser),
         "new_modules": sorted(module.denoiser.new_modules()),
     }
+
+
+# --- the module's checkpoint hooks ----------------------------------------------------------------------------------
+def save_run_state(module, checkpoint: dict) -> None:
+    """``on_save_checkpoint``: the trained tensors only, the run's record, and every rank's algorithm state and random
+    state (ranks draw their own noise and cache their own clips' negatives), for an exact resume."""
+    checkpoint.update(model_part(checkpoint["state_dict"], module))
+    if module.trainer.fit_loop._should_accumulate():
+        log.warning("checkpoint at step %d taken in the middle of a gradient accumulation window: the gradients "
+                    "accumulated so far are not saved, so a resume from it is not exact", module.global_step)
+    checkpoint["algorithm_states"] = gathered_objects(module, module.algorithm.state_dict())
+    checkpoint["rng_states"] = gathered_objects(module, rng_state())
+
+
+def load_run_state(module, checkpoint: dict) -> Optional[dict]:
+    """``on_load_checkpoint``: refuse another kind of run, put the frozen weights back, and when fitting restore this
+    rank's algorithm state. Returns this rank's random state, to be set at the first step (None: none recorded)."""
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    check_run(checkpoint.get("prefalign"), module)
+    algorithm = module.algorithm
+    fitting = module._trainer is not None and module.trainer.state.fn == TrainerFn.FITTING
+    recorded = (checkpoint.get("prefalign") or {}).get("algorithm")
+    if fitting and recorded is not None and recorded != algorithm.name:
+        raise ValueError(
+            f"--ckpt_path resumes a run, with its step, optimizer and schedule: this checkpoint is a {recorded} "
+            f"run's, this recipe trains {algorithm.name}. To start a {algorithm.name} run from its "
+            "weights, give it as --model.init_weights (and no --ckpt_path)"
+        )
+    state = checkpoint.get("state_dict")  # absent where the strategy (FSDP) has loaded the weights itself
+    if state is not None:
+        complete_state(module, state)
+    else:
+        check_loaded_keys(checkpoint.get("prefalign"), module)
+    if not fitting:
+        return None
+    rank, world = module.trainer.global_rank, module.trainer.world_size
+    states, algorithm_states = checkpoint.get("rng_states"), checkpoint.get("algorithm_states")
+    if states and len(states) != world:
+        log.warning("the checkpoint was written by %d processes, this run has %d: the resumed run will not "
+                    "repeat the first one's noise, and ranks start from rank 0's algorithm state", len(states), world)
+    if algorithm_states:
+        algorithm.load_state_dict(algorithm_states[rank if rank < len(algorithm_states) else 0])
+    return states[rank] if states and rank < len(states) else None
+
+
+def complete_state(module, state: dict) -> None:
+    """Make a checkpoint's state dict fit ``module``: the frozen part back in, a full fine-tuning reference dropped
+    when nothing needs it, a lagged reference snapshot's buffers registered."""
+    if module._reference is None and any(k.startswith(REFERENCE) for k in state):
+        # A full fine-tuning reference: needed to resume training, not to sample or evaluate.
+        for key in [k for k in state if k.startswith(REFERENCE)]:
+            del state[key]
+    snapshot = [key for key in state if key.startswith("reference_snapshot.")]
+    if snapshot and not hasattr(module, "reference_snapshot"):
+        module.reference_snapshot = nn.Module()
+    for key in snapshot:  # a lagged reference's snapshot (refresh_reference) has more tensors than the start's
+        name = key.removeprefix("reference_snapshot.")
+        if name not in module.reference_snapshot._buffers:
+            module.reference_snapshot.register_buffer(name, torch.empty_like(state[key], device=module.device))
+    restore_frozen(state, module)
 
 
 # --- writing and checking checkpoint files ---------------------------------------------------------------------------

@@ -15,16 +15,17 @@ from lightning.pytorch.plugins.io import CheckpointIO
 
 from prefalign import recipes
 from prefalign.annotate import annotate
-from prefalign.callbacks import VideoWriter
+from prefalign.callbacks import TrainingCurves, VideoWriter
 from prefalign.checkpoints import AtomicCheckpointIO, check_checkpoint
-from prefalign.data.cache import preprocess_command
 from prefalign.data.datamodule import PortraitDataModule
 from prefalign.data.synthetic import synth
 from prefalign.denoisers.hallo4 import convert_command as convert_hallo4
 from prefalign.hub import push_command
 from prefalign.judge_eval import judge_eval_command
-from prefalign.module import AlignmentModule, export_denoiser_weights
+from prefalign.module import AlignmentModule
+from prefalign.weights import export_denoiser_weights
 from prefalign.pairs import import_labels, sample_pairs
+from prefalign.preprocess import preprocess_command
 from prefalign.secrets import redact_every_log_record, scrubbing
 
 
@@ -65,7 +66,8 @@ class PrefalignCLI(LightningCLI):
     - loggers: CSV and TensorBoard under ``trainer.default_root_dir`` (``csv/``, ``tensorboard/``), and Weights &
       Biases when ``wandb`` is installed and configured (``WANDB_API_KEY`` or ``WANDB_MODE`` set);
     - callbacks: a rich progress bar (loss and reward), the last checkpoint kept (``save_last``, in
-      ``default_root_dir/checkpoints``), and the training curves plotted at the end (``prefalign.plots.TrainingCurves``);
+      ``default_root_dir/checkpoints``), and the training curves plotted at the end
+      (``prefalign.callbacks.TrainingCurves``);
     - ``predict`` only: a ``prefalign.callbacks.VideoWriter`` to ``default_root_dir/predictions`` when no callback
       writes predictions. A predict that writes no video is an error;
     - checkpoints written atomically in their own folder (``prefalign.checkpoints.AtomicCheckpointIO``) unless
@@ -76,8 +78,6 @@ class PrefalignCLI(LightningCLI):
     """
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]):
-        from prefalign.plots import TrainingCurves
-
         root = config.get("default_root_dir") or "runs/default"
         config["default_root_dir"] = root
         if config.get("logger") in (None, True):

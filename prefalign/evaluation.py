@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from prefalign import metrics
 from prefalign.data import media
-from prefalign.files import atomic_write
+from prefalign.files import atomic_write, inside
 from prefalign.rewards.base import Reward
 from prefalign.rewards.regularizers import TextureReward
 
@@ -355,3 +355,56 @@ def _draw_labels(grid: np.ndarray, labels: Sequence[str], height: int) -> None:
         top = row * (height + SEPARATOR) + (height - (text_bottom + text_top)) // 2
         draw.text((LABEL_PADDING, top), str(label), fill=(0, 0, 0), font=font)
     grid[...] = np.asarray(image)
+
+
+# --- what validation and ``prefalign test`` write -------------------------------------------------------------------
+def log_image(loggers: list, tag: str, image, step: int) -> None:
+    """An ``[H, W, 3]`` uint8 picture to every logger that takes pictures (TensorBoard, Weights & Biases)."""
+    for logger in loggers:
+        experiment = logger.experiment
+        if hasattr(experiment, "add_image"):  # TensorBoard's SummaryWriter
+            experiment.add_image(tag, image, step, dataformats="HWC")
+        elif hasattr(logger, "log_image"):  # WandbLogger
+            logger.log_image(key=tag, images=[image], step=step)
+
+
+def log_samples(loggers: list, log_dir: Optional[str], step: int, video: torch.Tensor, batch: dict, fps: float,
+                sample_rate: int) -> None:
+    """Validation samples: a grid image to the loggers that take pictures, and the videos (with their audio) as mp4
+    files in ``samples/step_N/`` of the log folder (one per clip id)."""
+    grid = sample_grid(video.cpu(), references=batch["reference"].cpu(), targets=batch["video"].cpu(),
+                       labels=batch["id"])
+    log_image(loggers, "val/samples", grid, step)
+    if log_dir is None:
+        return
+    folder = inside(log_dir, "samples", f"step_{step:06d}")
+    # Validation rows may repeat an id (a pairs manifest judges one clip several times): one video per id.
+    first: dict[str, int] = {}
+    for index, clip_id in enumerate(batch["id"]):
+        first.setdefault(clip_id, index)
+    keep = list(first.values())
+    media.write_clips(folder, video[keep], [batch["id"][i] for i in keep], fps, batch["audio"][keep], sample_rate)
+
+
+def add_test_clips(table: EvaluationTable, out: Path, video: torch.Tensor, batch: dict, scores: dict, fps: float,
+                   sample_rate: int, grid: bool = False) -> None:
+    """A ``prefalign test`` batch: its videos to ``out/videos``, its rows to ``table`` (each naming its video's
+    file: an id is not always its file's name, see ``files.safe_name``), and with ``grid`` ``out/samples.png``."""
+    files = media.write_clips(inside(out, "videos"), video, batch["id"], fps, batch["audio"], sample_rate)
+    table.add(batch["id"], scores, videos=[path.relative_to(out).as_posix() for path in files])
+    if grid:
+        sample_grid(video[:8].cpu(), out / "samples.png", references=batch["reference"][:8].cpu(),
+                    targets=batch["video"][:8].cpu() if "video" in batch else None, labels=batch["id"][:8])
+
+
+def write_table(table: EvaluationTable, out: Path, crop_source: Optional[str] = None) -> None:
+    """Write the gathered table to ``out`` and print its summary (and where SyncNet's crops came from)."""
+    if crop_source is not None:
+        print(f"  SyncNet's crops came from: {crop_source}")
+    table.write(out)
+    print(f"evaluation of {len(table.rows())} clips written to {out}")
+    if table.repeated_ids:
+        print(f"  {table.repeated_ids} rows repeated a clip id already in the table and were left out "
+              "(DistributedSampler pads ranks with repeated clips; or the manifest repeats ids)")
+    for name, stats in table.summary().items():
+        print(f"  {name:<20} {stats['mean']!r:>24} ± {stats['std']!r} (n={stats['count']})")

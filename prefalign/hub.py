@@ -1,5 +1,6 @@
 """Share LoRA runs on the Hugging Face Hub: a checkpoint's adapters as a peft folder with a model card, pushed from
-the command line (``prefalign push``) or during training (``PushToHub``), and loaded back onto a denoiser."""
+the command line (``prefalign push``) or during training (``prefalign.callbacks.PushToHub``), and loaded back onto a
+denoiser."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
-import lightning as L
 import torch
 from safetensors.torch import load_file, save_file
 
 from prefalign.files import atomic_write, inside
+from prefalign.lora import peft_config
 from prefalign.recipes import read_recipe_file
 from prefalign.secrets import get_logger, scrubbing
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
     from prefalign.denoisers.base import PortraitDenoiser
 
+#: The Hub's logger: ``prefalign.callbacks.PushToHub`` logs its pushes here.
 log = get_logger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -90,7 +92,7 @@ def write_adapter(
     adapter, modules = split_trained_tensors(state)
     lora = meta["lora"]
     hub_id = base_model or hub_base_model(meta.get("base_model"))
-    config = lora_config(lora, hub_id or meta.get("base_model"))
+    config = peft_config(lora, hub_id or meta.get("base_model"), inference_mode=True)  # as peft saves it
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     description = {
@@ -137,22 +139,6 @@ def split_trained_tensors(state_dict: dict[str, torch.Tensor]) -> tuple[dict, di
         else:
             modules[name] = value.detach().cpu().contiguous()
     return adapter, modules
-
-
-def lora_config(lora: dict, base_model: Optional[str] = None) -> "LoraConfig":
-    """The peft ``LoraConfig`` of a checkpoint's ``prefalign["lora"]`` entry."""
-    from peft import LoraConfig
-
-    rank = int(lora["rank"])
-    alpha = lora.get("alpha")
-    return LoraConfig(
-        r=rank,
-        lora_alpha=alpha if alpha is not None else rank,
-        lora_dropout=float(lora.get("dropout") or 0.0),
-        target_modules=sorted(lora["target_modules"]),
-        base_model_name_or_path=base_model,
-        inference_mode=True,  # as PeftModel.save_pretrained writes it
-    )
 
 
 def peft_config_dict(config: "LoraConfig") -> dict:
@@ -470,99 +456,6 @@ def upload(
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, commit_message=commit_message)
     return str(repo_url), info
-
-
-# --- pushing during training ---------------------------------------------------------------------------------------
-class PushToHub(L.Callback):
-    """Pushes the run's LoRA adapters (with the new modules, the recipe and a model card) to a Hub repo during
-    training, so that a long run's progress can be tried or shared before it ends.
-
-    Uploads happen on rank zero between steps and block training while they run. A failed upload is logged as a
-    warning and training goes on; only the final upload (``at_end``) raises. Neither the warning nor the error shows
-    the token, even where the Hub's answer echoes it (``prefalign.secrets``).
-
-    Args:
-        repo_id (str): the model repo, ``owner/name``; created if missing.
-        every_n_steps (int | None): push every this many optimizer steps; None: only at the end.
-        at_end (bool): push when training ends.
-        private (bool): create the repo as private.
-        revision (str | None): the branch to commit to (created if missing); default ``main``.
-        endpoint (str | None): the Hub's URL (default: HF_ENDPOINT or https://huggingface.co).
-        base_model (str | None): the Hub id (``owner/name``) of the base model, for the model card; default: the
-            denoiser's ``pretrained`` when it is a Hub id or a folder of huggingface_hub's cache.
-    """
-
-    def __init__(
-        self,
-        repo_id: str,
-        every_n_steps: Optional[int] = None,
-        at_end: bool = True,
-        private: bool = False,
-        revision: Optional[str] = None,
-        endpoint: Optional[str] = None,
-        base_model: Optional[str] = None,
-    ):
-        if every_n_steps is not None and every_n_steps < 1:
-            raise ValueError(f"every_n_steps must be a positive number of steps, got {every_n_steps}")
-        if base_model is not None and not is_repo_id(base_model):
-            raise ValueError(f"base_model must be a Hub repo id, owner/name, got {base_model!r}")
-        self.repo_id = repo_id
-        self.every_n_steps = every_n_steps
-        self.at_end = at_end
-        self.private = private
-        self.revision = revision
-        self.endpoint = endpoint
-        self.base_model = base_model
-        self._last_step: Optional[int] = None
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if getattr(pl_module, "lora", None) is None:
-            raise ValueError(
-                "PushToHub uploads LoRA adapters, but this run trains the full weights: set model.lora, or share the "
-                "weights with `prefalign export` after training"
-            )
-        hub_token()  # fail now rather than after hours of training
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps is None or step == 0 or step % self.every_n_steps or step == self._last_step:
-            return
-        self._last_step = step
-        self._push(trainer, pl_module, f"prefalign: adapters at step {step}", final=False)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.at_end:
-            self._push(trainer, pl_module, f"prefalign: adapters at the end of training (step {trainer.global_step})",
-                       final=True)  # fmt: skip
-
-    def _push(self, trainer: L.Trainer, pl_module: L.LightningModule, message: str, final: bool) -> None:
-        from prefalign import checkpoints
-
-        # Every rank takes part: the strategy gathers sharded weights (FSDP). Only the trained tensors and the run's
-        # description are needed, not the checkpoint hook's gathered random and algorithm states.
-        state = trainer.strategy.lightning_module_state_dict()
-        if not trainer.is_global_zero:
-            return
-        checkpoint = {**checkpoints.model_part(state, pl_module), "global_step": trainer.global_step}
-        saved = Path(trainer.log_dir or ".") / "config.yaml"  # where LightningCLI saved this run's config
-        recipe = None
-        if saved.is_file():
-            try:
-                recipe = read_recipe_file(str(saved))
-            except ValueError as error:
-                log.warning("PushToHub: pushing without a recipe: %s", error)
-        try:
-            with tempfile.TemporaryDirectory(prefix="prefalign-push-") as folder:
-                write_adapter(checkpoint, folder, recipe, repo_id=self.repo_id, base_model=self.base_model)
-                _, info = upload(folder, self.repo_id, hub_token(), message, private=self.private,
-                                 revision=self.revision, endpoint=self.endpoint)  # fmt: skip
-        except Exception as error:
-            if final:
-                raise
-            log.warning("PushToHub: pushing to %s at step %d failed, training goes on (%s: %s)",
-                        self.repo_id, trainer.global_step, type(error).__name__, error)  # fmt: skip
-            return
-        log.info("PushToHub: pushed step %d to %s: commit %s", trainer.global_step, self.repo_id, info.oid)
 
 
 # --- loading -------------------------------------------------------------------------------------------------------

@@ -442,6 +442,18 @@ class Scores:
     requests: Optional[int]
     failures: Optional[int]
 
+    @property
+    def failure_rate(self) -> Optional[float]:
+        """Failures per video scored; ``None`` where the judge keeps no ``stats``."""
+        return None if self.failures is None else self.failures / len(self.terms)
+
+    @property
+    def requests_per_s(self) -> Optional[float]:
+        """Requests per second spent in ``score``; ``None`` where the judge keeps no ``stats`` or no time passed."""
+        if self.requests is None:
+            return None
+        return self.requests / self.seconds if self.seconds > 0 else None
+
 
 def score_videos(judge: Reward, videos: dict[Video, str], terms: list[str], decode: Decoding, batch_size: int,
                  truth: Iterable[Video] = ()) -> Scores:
@@ -599,6 +611,48 @@ def judge_eval_command(
     Returns:
         Path: the JSON report.
     """
+    target = _check_options(judge, batch_size, sample_rate, fps, num_frames, device)
+    numbered = read_label_rows(labels)
+    mapping = resolve_aspects(aspects, numbered, judge, labels)
+    pairs, videos = parse_labels(numbered, mapping, labels)
+    sync_term = None
+    truth: dict[Video, str] = {}
+    if synth is not None:
+        sync_term = _sync_term(judge, mapping)
+        truth = read_synth(synth)
+        for video, where in truth.items():
+            videos.setdefault(video, where)
+    _check_files(videos)  # every file is there before the first (maybe paid) request
+
+    needed = list(dict.fromkeys([*mapping.values(), *([sync_term] if sync_term else [])]))
+    decode = Decoding(sample_rate, float(fps), num_frames, target)
+    scored = score_videos(judge, videos, needed, decode, batch_size, truth=truth)
+    pairwise = callable(getattr(judge, "compare", None))
+    answers = compare_pairs(judge, pairs, videos, list(mapping.values()), decode, batch_size) if pairwise else None
+    rows = _aspect_rows(mapping, pairs, scored, answers)
+    report = {
+        "labels": str(Path(labels).resolve()),
+        "judge": redact(repr(judge)),
+        "judge_class": f"{type(judge).__module__}.{type(judge).__qualname__}",
+        "judge_kind": "pairwise" if pairwise else "pointwise",
+        "aspects": mapping,
+        "rows": rows,
+        "totals": _totals(scored, label_rows=len(numbered), pairs=len(pairs)),
+    }
+    if synth is not None:
+        report.update(_synth_report(synth, truth, scored, sync_term))
+
+    title = f"{type(judge).__name__} vs. human labels ({len(pairs)} pairs)"
+    csv_path, json_path, png_path = _write_report(report, Path(out), title)
+    _print_summary(report, type(judge).__name__)
+    print(f"wrote {csv_path}, {json_path}, {png_path}")
+    return json_path
+
+
+def _check_options(judge: Reward, batch_size: int, sample_rate: int, fps: float, num_frames: Optional[int],
+                   device: Optional[str]) -> torch.device:
+    """Refuse options out of range and a judge that cannot score (a ``ValueError`` or ``TypeError`` naming the
+    option); the device the videos go to."""
     _check_int("batch_size", batch_size, 1)
     _check_int("sample_rate", sample_rate, media.MIN_SAMPLE_RATE)
     if num_frames is not None:
@@ -608,27 +662,28 @@ def judge_eval_command(
     if not callable(getattr(judge, "score", None)):
         raise TypeError(f"--judge must be a Reward (with a score method); got {type(judge).__name__}")
     try:
-        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as error:
         raise ValueError(f"--device {device!r} is not a device ({error})") from None
 
-    numbered = read_label_rows(labels)
-    mapping = resolve_aspects(aspects, numbered, judge, labels)
-    pairs, videos = parse_labels(numbered, mapping, labels)
-    sync_term = None
-    truth: dict[Video, str] = {}
-    if synth is not None:
-        terms, own = _judge_terms(judge)
-        candidates = [mapping.get("lip_sync"), own.get("lip_sync"), "judge/lip_sync"]
-        sync_term = next((t for t in candidates if t is not None and (terms is None or t in terms)), None)
-        if sync_term is None:
-            raise ValueError(f"--synth compares the judge's lip sync term with the true sync, and "
-                             f"{type(judge).__name__} has none among {terms}: map it with --aspects "
-                             "'{\"lip_sync\": \"<term>\"}'")
-        truth = read_synth(synth)
-        for video, where in truth.items():
-            videos.setdefault(video, where)
-    for video, where in videos.items():  # every file is there before the first (maybe paid) request
+
+def _sync_term(judge: Reward, mapping: dict[str, str]) -> str:
+    """The judge's lip sync term, which ``--synth`` compares with the true sync: the one ``lip_sync`` is mapped to,
+    else the judge's own, else ``judge/lip_sync``, the first the judge has."""
+    terms, own = _judge_terms(judge)
+    candidates = [mapping.get("lip_sync"), own.get("lip_sync"), "judge/lip_sync"]
+    sync_term = next((t for t in candidates if t is not None and (terms is None or t in terms)), None)
+    if sync_term is None:
+        raise ValueError(f"--synth compares the judge's lip sync term with the true sync, and "
+                         f"{type(judge).__name__} has none among {terms}: map it with --aspects "
+                         "'{\"lip_sync\": \"<term>\"}'")
+    return sync_term
+
+
+def _check_files(videos: dict[Video, str]) -> None:
+    """Every file a video names (the video and its conditions) is there: a ``DataError`` naming it and the row that
+    names it otherwise."""
+    for video, where in videos.items():
         for column in ("video", "audio", "reference", "pose"):
             path = getattr(video, column)
             if path is not None:
@@ -637,17 +692,12 @@ def judge_eval_command(
                 except DataError as error:
                     raise DataError(f"{error.message} ({where})", path=error.path, field=error.field) from None
 
-    needed = list(dict.fromkeys([*mapping.values(), *([sync_term] if sync_term else [])]))
-    decode = Decoding(sample_rate, float(fps), num_frames, target)
-    scored = score_videos(judge, videos, needed, decode, batch_size, truth=truth)
-    pairwise = callable(getattr(judge, "compare", None))
-    answers = compare_pairs(judge, pairs, videos, list(mapping.values()), decode, batch_size) if pairwise else {}
 
-    count = len(scored.terms)
-    failure_rate = None if scored.failures is None else scored.failures / count
-    requests_per_s = None
-    if scored.requests is not None:
-        requests_per_s = scored.requests / scored.seconds if scored.seconds > 0 else None
+def _aspect_rows(mapping: dict[str, str], pairs: list[LabelledPair], scored: Scores,
+                answers: Optional[dict[int, dict[str, tuple[float, float]]]]) -> list[dict]:
+    """The table: per human aspect and the judge term mapped to it, the agreement statistics over the pairs judged
+    on that aspect, the position bias (of a pairwise judge's ``answers``; ``None`` for a pointwise judge), and the
+    judge's failure rate and throughput."""
     rows = []
     for aspect, term in mapping.items():
         judged = [(index, pair) for index, pair in enumerate(pairs) if aspect in pair.votes]
@@ -655,56 +705,63 @@ def judge_eval_command(
                                 [scored.terms[pair.a][term] for _, pair in judged],
                                 [scored.terms[pair.b][term] for _, pair in judged])
         bias = None
-        if pairwise:
+        if answers is not None:
             bias = position_bias_rate([answers[index][term][0] for index, _ in judged],
                                       [answers[index][term][1] for index, _ in judged])
         rows.append({"aspect": aspect, "judge_term": term, **stats, "position_bias": bias,
-                     "failure_rate": failure_rate, "requests_per_s": requests_per_s})
+                     "failure_rate": scored.failure_rate, "requests_per_s": scored.requests_per_s})
+    return rows
 
-    totals = {
-        "label_rows": len(numbered),
-        "pairs": len(pairs),
+
+def _totals(scored: Scores, label_rows: int, pairs: int) -> dict:
+    """The report's ``totals``: what was read, what was scored, and what scoring took and cost."""
+    count = len(scored.terms)
+    return {
+        "label_rows": label_rows,
+        "pairs": pairs,
         "videos": count,
         "score_seconds": scored.seconds,
         "wall_seconds": scored.wall_seconds,
         "videos_per_s": count / scored.seconds if scored.seconds > 0 else None,
         "requests": scored.requests,
         "failures": scored.failures,
-        "requests_per_s": requests_per_s,
-        "failure_rate": failure_rate,
+        "requests_per_s": scored.requests_per_s,
+        "failure_rate": scored.failure_rate,
     }
-    report = {
-        "labels": str(Path(labels).resolve()),
-        "judge": redact(repr(judge)),
-        "judge_class": f"{type(judge).__module__}.{type(judge).__qualname__}",
-        "judge_kind": "pairwise" if pairwise else "pointwise",
-        "aspects": mapping,
-        "rows": rows,
-        "totals": totals,
-    }
-    if synth is not None:
-        finite = [video for video in truth if math.isfinite(scored.terms[video][sync_term])]
-        rho = spearman([scored.terms[video][sync_term] for video in finite], [scored.sync[video] for video in finite])
-        report.update(synth=str(Path(synth).resolve()), spearman_sync=_none_if_nan(rho), synth_term=sync_term,
-                      synth_videos=len(truth), synth_dropped=len(truth) - len(finite))
 
-    out_dir = Path(out)
+
+def _synth_report(synth: str, truth: dict[Video, str], scored: Scores, sync_term: str) -> dict:
+    """The report's ``--synth`` keys: the Spearman correlation of the judge's ``sync_term`` with the true sync over
+    the ``truth`` videos it scored (finite), and how many it dropped."""
+    finite = [video for video in truth if math.isfinite(scored.terms[video][sync_term])]
+    rho = spearman([scored.terms[video][sync_term] for video in finite], [scored.sync[video] for video in finite])
+    return dict(synth=str(Path(synth).resolve()), spearman_sync=_none_if_nan(rho), synth_term=sync_term,
+                synth_videos=len(truth), synth_dropped=len(truth) - len(finite))
+
+
+def _write_report(report: dict, out_dir: Path, title: str) -> tuple[Path, Path, Path]:
+    """``judge_eval.csv`` (the table), ``judge_eval.json`` (the report) and ``judge_eval.png`` (the plot) in
+    ``out_dir`` (created); their paths in that order."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out_dir / "judge_eval.csv")
-    json_path = out_dir / "judge_eval.json"
+    csv_path, json_path, png_path = out_dir / "judge_eval.csv", out_dir / "judge_eval.json", out_dir / "judge_eval.png"
+    write_csv(report["rows"], csv_path)
     with atomic_write(json_path) as tmp:
         tmp.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    plot_report(rows, out_dir / "judge_eval.png", f"{type(judge).__name__} vs. human labels ({len(pairs)} pairs)")
+    plot_report(report["rows"], png_path, title)
+    return csv_path, json_path, png_path
 
-    print(format_table(rows))
+
+def _print_summary(report: dict, judge_name: str) -> None:
+    """The table, the judge's speed and failures, and the ``--synth`` correlation, on stdout."""
+    totals = report["totals"]
+    print(format_table(report["rows"]))
     speed = f"{totals['videos_per_s']:.2f} videos/s" if totals["videos_per_s"] is not None else "- videos/s"
-    requests = "" if requests_per_s is None else f", {scored.requests} requests ({requests_per_s:.2f}/s)"
-    failures = "" if scored.failures is None else f", {scored.failures} failures"
-    print(f"{report['judge_kind']} judge {type(judge).__name__}: {count} videos scored in {scored.seconds:.2f} s "
-          f"({speed}; {scored.wall_seconds:.2f} s with decoding){requests}{failures}")
-    if synth is not None:
-        rho = report["spearman_sync"]
-        print(f"spearman({sync_term}, true sync) over {len(truth) - report['synth_dropped']} of {len(truth)} "
+    rate = totals["requests_per_s"]
+    requests = "" if rate is None else f", {totals['requests']} requests ({rate:.2f}/s)"
+    failures = "" if totals["failures"] is None else f", {totals['failures']} failures"
+    print(f"{report['judge_kind']} judge {judge_name}: {totals['videos']} videos scored in "
+          f"{totals['score_seconds']:.2f} s ({speed}; {totals['wall_seconds']:.2f} s with decoding){requests}{failures}")
+    if "synth" in report:
+        rho, count = report["spearman_sync"], report["synth_videos"]
+        print(f"spearman({report['synth_term']}, true sync) over {count - report['synth_dropped']} of {count} "
               f"--synth videos: {'-' if rho is None else f'{rho:.3f}'}")
-    print(f"wrote {out_dir / 'judge_eval.csv'}, {json_path}, {out_dir / 'judge_eval.png'}")
-    return json_path

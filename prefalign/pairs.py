@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
 
@@ -15,6 +15,10 @@ from prefalign.data.errors import DataError
 from prefalign.denoisers.base import frames_of
 from prefalign.files import atomic_write, inside, safe_name
 from prefalign.rewards.base import Reward
+
+if TYPE_CHECKING:
+    from prefalign.data.datamodule import PortraitDataModule
+    from prefalign.module import AlignmentModule
 
 ASPECTS = ("lip_sync", "expression", "motion")
 VOTES = {"a": 1, "b": -1, "tie": 0}
@@ -88,27 +92,11 @@ def sample_pairs(
     Returns:
         Path: the pairs manifest, in the clip schema plus ``rejected`` and the scores.
     """
-    from dataclasses import replace
-
-    from lightning.pytorch.cli import LightningCLI
-
-    from prefalign.data.datamodule import PortraitDataModule
-    from prefalign.module import AlignmentModule
     from prefalign.rewards.sync import SyncExpert
 
     if num_samples < 2:
         raise ValueError(f"num_samples must be at least 2 to make a pair, got {num_samples}")
-    args = ["--config", recipe, "--data.predict", conditions, "--data.eval_batch_size", str(batch_size), *(overrides or [])]
-    cli = LightningCLI(
-        AlignmentModule, PortraitDataModule, args=args, run=False, save_config_callback=None, auto_configure_optimizers=False
-    )
-    module, datamodule = cli.model, cli.datamodule
-    if ckpt_path is not None:
-        from prefalign.checkpoints import check_checkpoint
-
-        check_checkpoint(ckpt_path, field="--ckpt_path")
-        module.load_state_dict(torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"])
-    module.eval()
+    module, datamodule = _sampling_model(recipe, conditions, ckpt_path, batch_size, overrides or [])
     reward = reward or SyncExpert(sample_rate=datamodule.sample_rate, fps=datamodule.fps)
     manifest, _ = datamodule.split("predict")
     rows_by_id = {str(row.get("id", i)): row for i, row in enumerate(manifest.rows)}
@@ -120,39 +108,17 @@ def sample_pairs(
     for batch in datamodule.predict_dataloader():
         if batch["size"] == 0:
             continue
-        num_frames = frames_of(batch)
-        videos, totals, terms = [], [], []
-        for k in range(num_samples):
-            settings = replace(module.sampling, seed=seed + k, num_steps=num_steps or module.sampling.num_steps)
-            video = module.generate(batch, num_frames, settings)
-            total, parts = reward.total(video, batch)
-            videos.append(video)
-            totals.append(total)
-            terms.append(parts)
-        totals = torch.stack(totals)  # [N, B]
-        best, worst = totals.argmax(dim=0), totals.argmin(dim=0)
+        samples = _sample_and_score(module, reward, batch, num_samples, seed, num_steps)
         for i, clip_id in enumerate(batch["id"]):
-            gap = (totals[best[i], i] - totals[worst[i], i]).item()
-            if gap < min_gap:
+            if samples.gap(i) < min_gap:
                 dropped += 1
                 continue
             row = rows_by_id[clip_id]
-            record = {"id": clip_id}
-            for name, k in (("video", best[i]), ("rejected", worst[i])):
-                role = "chosen" if name == "video" else "rejected"
-                path = inside(out_dir, "clips", f"{safe_name(clip_id)}_{role}.mp4")
-                frames = (videos[k][i].permute(0, 2, 3, 1) * 255).round().byte().cpu().numpy()
-                audio = batch["audio"][i].float().cpu().numpy()
-                media.write_video(path, frames, datamodule.fps, audio=audio, sample_rate=datamodule.sample_rate)
-                record[name] = path.relative_to(out_dir).as_posix()
+            record = _write_pair(samples, batch, i, out_dir, datamodule.fps, datamodule.sample_rate)
             for column in ("audio", "reference", "pose"):
                 if row.get(column):
                     record[column] = str(Path(manifest.resolve(row[column])).resolve())
-            record["chosen_score"] = totals[best[i], i].item()
-            record["rejected_score"] = totals[worst[i], i].item()
-            record["scores"] = {
-                name: [terms[best[i]][name][i].item(), terms[worst[i]][name][i].item()] for name in terms[0]
-            }
+            record.update(samples.scores(i))
             pairs.append(record)
     if not pairs:
         raise ValueError(f"no pair kept: all {dropped} conditions had a score gap below min_gap={min_gap}")
@@ -160,6 +126,89 @@ def sample_pairs(
     _write_manifest(path, pairs)
     print(f"{len(pairs)} pairs written to {path}; {dropped} conditions dropped (score gap < {min_gap})")
     return path
+
+
+def _sampling_model(
+    recipe: str, conditions: str, ckpt_path: Optional[str], batch_size: int, overrides: Sequence[str]
+) -> tuple[AlignmentModule, PortraitDataModule]:
+    """The recipe's model, with the weights of ``ckpt_path`` where given, in eval mode; and its data module, predicting
+    ``conditions`` in batches of ``batch_size``."""
+    # Imported here: building a model loads Lightning and diffusers (seconds), which the label commands never need.
+    from prefalign.build import build_from_recipe
+    from prefalign.checkpoints import check_checkpoint
+
+    module, datamodule = build_from_recipe(
+        recipe, ["--data.predict", conditions, "--data.eval_batch_size", str(batch_size), *overrides]
+    )
+    if ckpt_path is not None:
+        check_checkpoint(ckpt_path, field="--ckpt_path")
+        module.load_state_dict(torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"])
+    module.eval()
+    return module, datamodule
+
+
+@dataclass
+class _Samples:
+    """The samples of one batch of conditions, with their rewards."""
+
+    videos: list[torch.Tensor]
+    """Per sample, the batch's videos ``[B, T, 3, H, W]`` in [0, 1]."""
+    totals: torch.Tensor
+    """``[N, B]``: the reward's total per sample and condition."""
+    terms: list[dict[str, torch.Tensor]]
+    """Per sample, the reward's terms (each ``[B]``)."""
+    best: torch.Tensor = field(init=False)
+    """``[B]``: which sample of each condition scored highest (the first of equals)."""
+    worst: torch.Tensor = field(init=False)
+    """``[B]``: which sample of each condition scored lowest (the first of equals)."""
+
+    def __post_init__(self):
+        self.best, self.worst = self.totals.argmax(dim=0), self.totals.argmin(dim=0)
+
+    def gap(self, i: int) -> float:
+        """How much better condition ``i``'s best sample scored than its worst."""
+        return (self.totals[self.best[i], i] - self.totals[self.worst[i], i]).item()
+
+    def scores(self, i: int) -> dict:
+        """Condition ``i``'s pairs-manifest scores: the best and worst totals, and per term ``[best, worst]``."""
+        best, worst = self.best[i], self.worst[i]
+        return {
+            "chosen_score": self.totals[best, i].item(),
+            "rejected_score": self.totals[worst, i].item(),
+            "scores": {name: [self.terms[best][name][i].item(), self.terms[worst][name][i].item()]
+                       for name in self.terms[0]},
+        }
+
+
+def _sample_and_score(module: AlignmentModule, reward: Reward, batch: dict, num_samples: int, seed: int,
+                      num_steps: Optional[int]) -> _Samples:
+    """``num_samples`` videos of every condition of ``batch``, sample ``k`` from noise seed ``seed + k``, each scored
+    by ``reward``."""
+    num_frames = frames_of(batch)
+    videos, totals, terms = [], [], []
+    for k in range(num_samples):
+        settings = replace(module.sampling, seed=seed + k, num_steps=num_steps or module.sampling.num_steps)
+        video = module.generate(batch, num_frames, settings)
+        total, parts = reward.total(video, batch)
+        videos.append(video)
+        totals.append(total)
+        terms.append(parts)
+    return _Samples(videos, torch.stack(totals), terms)
+
+
+def _write_pair(samples: _Samples, batch: dict, i: int, out_dir: Path, fps: float, sample_rate: int) -> dict:
+    """Condition ``i``'s best sample as ``clips/<id>_chosen.mp4`` and its worst as ``_rejected.mp4``, each with the
+    condition's audio; the start of its pairs-manifest row, naming them (relative to ``out_dir``)."""
+    clip_id = batch["id"][i]
+    record = {"id": clip_id}
+    for name, k in (("video", samples.best[i]), ("rejected", samples.worst[i])):
+        role = "chosen" if name == "video" else "rejected"
+        path = inside(out_dir, "clips", f"{safe_name(clip_id)}_{role}.mp4")
+        frames = (samples.videos[k][i].permute(0, 2, 3, 1) * 255).round().byte().cpu().numpy()
+        audio = batch["audio"][i].float().cpu().numpy()
+        media.write_video(path, frames, fps, audio=audio, sample_rate=sample_rate)
+        record[name] = path.relative_to(out_dir).as_posix()
+    return record
 
 
 def check_label_row(row: dict, number: int, labels: str) -> None:

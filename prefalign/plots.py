@@ -1,5 +1,5 @@
-"""Training curves from the CSVLogger's ``metrics.csv``: a library function, and a callback that draws them when
-``fit`` ends."""
+"""Training curves from the CSVLogger's ``metrics.csv``, drawn as one figure (``prefalign.callbacks.TrainingCurves``
+draws it when ``fit`` ends; ``benchmarks/plot_run.py`` from the command line)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import re
 from pathlib import Path
 from typing import Optional, Union
 
-import lightning as L
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from prefalign.files import atomic_write
@@ -239,37 +237,3 @@ def plot_training_curves(
     out.parent.mkdir(parents=True, exist_ok=True)
     plot(rows, out, title=str(source) if title is None else title)
     return out
-
-
-class TrainingCurves(L.Callback):
-    """Draws ``curves.png`` (see :func:`plot_training_curves`) into the CSVLogger's folder when ``fit`` ends.
-
-    Needs a :class:`~lightning.pytorch.loggers.CSVLogger` among the trainer's loggers; without one it warns and
-    does nothing.
-
-    Args:
-        filename (str): the figure's name in the logger's ``log_dir``.
-    """
-
-    def __init__(self, filename: str = "curves.png"):
-        self.filename = filename
-        self._warned = False
-
-    def _warn(self, message: str) -> None:
-        if not self._warned:
-            rank_zero_warn(f"TrainingCurves: {message}", category=UserWarning)
-            self._warned = True
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        logger = next((logger for logger in trainer.loggers if isinstance(logger, CSVLogger)), None)
-        if logger is None:
-            self._warn("no CSVLogger among the trainer's loggers, so no curves are drawn")
-            return
-        logger.save()  # rows still in memory would be missing from the file
-        metrics_file = Path(logger.experiment.metrics_file_path)
-        if not metrics_file.is_file():
-            self._warn(f"nothing was logged ({metrics_file} does not exist), so no curves are drawn")
-            return
-        plot_training_curves(metrics_file, Path(logger.log_dir) / self.filename, title=logger.log_dir)

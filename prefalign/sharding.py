@@ -148,6 +148,17 @@ def sharded_root(module) -> Optional[nn.Module]:
     return model if isinstance(model, FullyShardedDataParallel) else None
 
 
+def clip_sharded(module, max_norm: Optional[float], algorithm: Optional[str]) -> bool:
+    """Clip the gradients' global norm through the FSDP root, where ``module`` is sharded and the clipping is by
+    norm: the norm is over every rank's shard, which only the root can take (Lightning's FSDP plugin refuses).
+    Returns whether it clipped (else the strategy's own clipping applies)."""
+    root = sharded_root(module)
+    if root is None or not max_norm or algorithm not in (None, "norm"):
+        return False
+    root.clip_grad_norm_(max_norm)
+    return True
+
+
 def forwards_are_collective(module) -> bool:
     """Whether every forward of ``module`` (a LightningModule) gathers parameters from every rank (FSDP): then all
     ranks must run the same number of forwards, or the one that runs more waits forever."""
@@ -228,6 +239,17 @@ def plan_units(root: nn.Module, unit_classes: tuple[type, ...]) -> tuple[list[nn
                 cast.append(names[id(param)])
         boundaries.update(split)
     return extra, cast
+
+
+def use_uniform_dtype_units(module: nn.Module, strategy) -> None:
+    """Under Lightning's FSDPStrategy, wrap units of one dtype each (``configure_model``): the recipe's units (the
+    transformer blocks) plus the adapters apart (see :func:`uniform_dtype_policy`). Other strategies: nothing."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(strategy, FSDPStrategy):
+        policy = uniform_dtype_policy(module, strategy.kwargs.get("auto_wrap_policy"))
+        if policy is not None:
+            strategy.kwargs["auto_wrap_policy"] = policy
 
 
 def uniform_dtype_policy(module: nn.Module, policy) -> Optional[object]:

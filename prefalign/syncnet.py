@@ -505,6 +505,31 @@ def sync_scores(
         dict[str, torch.Tensor]: ``sync_d`` and ``sync_c`` (float32 ``[B]``), ``sync_offset`` (int64 ``[B]``), and
         ``distances`` (float32 ``[B, 2·vshift + 1]``, ``mean_d`` per offset), on the crops' device.
     """
+    _check_inputs(net, crops, audio, sample_rate, fps, vshift, batch_size)
+    out_device = crops.device
+    if fps != SYNCNET_FPS:
+        crops = crops[:, _frames_at_25(crops.shape[1], fps).to(crops.device)]
+    frames = crops.shape[1]
+    if frames - WINDOW_FRAMES < 1:
+        raise ValueError(f"SyncNet needs at least {WINDOW_FRAMES + 1} frames at 25 fps, the clip has {frames}")
+    audio = _audio_at_16k(audio, sample_rate, frames)
+    features = mfcc(audio.float() * INT16_SCALE, SYNCNET_SAMPLE_RATE).to(torch.float32)  # [B, 13, F]
+    lip, sound = _embed_windows(net, crops, features, batch_size)
+    distances = _offset_distances(lip, sound, vshift)  # [B, 2·vshift + 1]
+    sync_d, best = distances.min(dim=1)
+    sync_c = distances.median(dim=1).values - sync_d
+    return {
+        "sync_d": sync_d.to(out_device),
+        "sync_c": sync_c.to(out_device),
+        "sync_offset": (vshift - best).to(out_device),
+        "distances": distances.to(out_device),
+    }
+
+
+def _check_inputs(net: SyncEmbedder, crops: torch.Tensor, audio: torch.Tensor, sample_rate: int, fps: float,
+                  vshift: int, batch_size: int) -> None:
+    """Refuse what :func:`sync_scores` cannot score: crops or audio of the wrong shape, settings out of range, or a
+    network in training mode."""
     if crops.ndim != 5 or crops.shape[2:] != (3, CROP_SIZE, CROP_SIZE):
         raise ValueError(f"expected crops [B, T, 3, {CROP_SIZE}, {CROP_SIZE}], got {tuple(crops.shape)}")
     if audio.ndim != 2 or audio.shape[0] != crops.shape[0]:
@@ -517,16 +542,15 @@ def sync_scores(
         raise ValueError(f"fps and sample_rate must be positive, got {fps} and {sample_rate}")
     if isinstance(net, nn.Module) and any(m.training for m in net.modules() if isinstance(m, _TRAIN_MODE_LAYERS)):
         raise ValueError("the SyncNet is in training mode (batch norm would use batch statistics): call .eval()")
-    out_device = crops.device
-    if fps != SYNCNET_FPS:
-        crops = crops[:, _frames_at_25(crops.shape[1], fps).to(crops.device)]
+
+
+def _embed_windows(net: SyncEmbedder, crops: torch.Tensor, features: torch.Tensor, batch_size: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lip and audio embeddings of every window of every clip, ``batch_size`` windows per network call:
+    25-fps crops ``[B, T, 3, 224, 224]`` and MFCCs ``[B, 13, F]`` → two ``[B, T − 5, D]``, on the network's
+    device (the crops' where it has no parameters)."""
     batch, frames = crops.shape[:2]
     num_windows = frames - WINDOW_FRAMES
-    if num_windows < 1:
-        raise ValueError(f"SyncNet needs at least {WINDOW_FRAMES + 1} frames at 25 fps, the clip has {frames}")
-    audio = _audio_at_16k(audio, sample_rate, frames)
-    features = mfcc(audio.float() * INT16_SCALE, SYNCNET_SAMPLE_RATE).to(torch.float32)  # [B, 13, F]
-
     parameter = next(iter(net.parameters()), None) if isinstance(net, nn.Module) else None
     device = parameter.device if parameter is not None else crops.device
     clip_index = torch.arange(batch).repeat_interleave(num_windows)
@@ -541,17 +565,7 @@ def sync_scores(
             mfcc_index = (MFCC_PER_FRAME * i[:, None] + torch.arange(WINDOW_MFCC)).to(features.device)
             cepstra = features[b.to(features.device)[:, None], :, mfcc_index].transpose(1, 2)  # [n, 13, 20]
             sound.append(net.forward_audio(cepstra[:, None].to(device)).float())
-    lip = torch.cat(lip).view(batch, num_windows, -1)
-    sound = torch.cat(sound).view(batch, num_windows, -1)
-    distances = _offset_distances(lip, sound, vshift)  # [B, 2·vshift + 1]
-    sync_d, best = distances.min(dim=1)
-    sync_c = distances.median(dim=1).values - sync_d
-    return {
-        "sync_d": sync_d.to(out_device),
-        "sync_c": sync_c.to(out_device),
-        "sync_offset": (vshift - best).to(out_device),
-        "distances": distances.to(out_device),
-    }
+    return torch.cat(lip).view(batch, num_windows, -1), torch.cat(sound).view(batch, num_windows, -1)
 
 
 def _audio_at_16k(audio: torch.Tensor, sample_rate: int, frames: int) -> torch.Tensor:

@@ -7,7 +7,8 @@ import torch
 from prefalign.data.errors import DataError
 from prefalign.denoisers import PixelCodec
 from prefalign.denoisers.motion import MotionModulation, render_keypoints
-from prefalign.module import AlignmentModule, LoraSettings
+from prefalign.lora import LoraSettings
+from prefalign.module import AlignmentModule
 from prefalign.processes import FlowMatching
 
 from conftest import TINY_WAN, tiny_wan
@@ -176,7 +177,7 @@ def test_lora_reference_is_the_base_model_with_new_modules(tmp_path, clip_batch,
         start = denoiser(x_t, t, cond)
     optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-2)
     for _ in range(2):
-        loss, _ = module.algorithm.loss(module, clip_batch)
+        loss, _ = module.algorithm.loss(module.policy, clip_batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -189,7 +190,7 @@ def test_lora_reference_is_the_base_model_with_new_modules(tmp_path, clip_batch,
 def test_chunked_generation_of_three_windows_joins_its_chunks(clip_batch):
     """A video 3× the model's window, made chunk by chunk: each chunk starts with the previous chunk's last
     frames, and what it generates after them depends on them."""
-    from prefalign.module import SamplingSettings
+    from prefalign.sampling import SamplingSettings, generate, sample_clip_latents
 
     torch.manual_seed(0)
     denoiser = tiny_wan(pose_keypoints=8)
@@ -201,7 +202,7 @@ def test_chunked_generation_of_three_windows_joins_its_chunks(clip_batch):
         "audio": clip_batch["audio"][:2].repeat(1, 3),
         "pose": clip_batch["pose"][:2].repeat(1, 3, 1, 1),
     }
-    chunks = module.generate_chunks(long, 51, settings)
+    chunks = generate(module.denoiser, module.denoiser, module.process, long, 51, settings)[0]
     assert len(chunks) == 4 and all(c.shape == (2, 17, 3, 32, 32) for c in chunks)  # 17 + 3·12 ≥ 51 frames
     for before, after in zip(chunks, chunks[1:]):
         torch.testing.assert_close(after[:, :5], before[:, -5:], rtol=0, atol=1e-6)
@@ -214,18 +215,22 @@ def test_chunked_generation_of_three_windows_joins_its_chunks(clip_batch):
     # The frames after the given ones are conditioned on them: another tail gives another continuation.
     part = {"reference": long["reference"], "audio": long["audio"][:, : 17 * 640], "pose": long["pose"][:, :17]}
     tails = [denoiser.codec.encode(chunks[0][:, -5:]), denoiser.codec.encode(torch.rand(2, 5, 3, 32, 32))]
-    outs = [module._sample(part, 17, settings, torch.Generator().manual_seed(1), known) for known in tails]
+    outs = [denoiser.decode(sample_clip_latents(denoiser, denoiser, module.process, part, 17,
+                                                torch.Generator().manual_seed(1), settings.num_steps, known=known))
+            for known in tails]
     assert (outs[0][:, 5:] - outs[1][:, 5:]).abs().max() > 1e-3
 
 
 def test_chunk_settings_are_checked(clip_batch):
-    from prefalign.module import SamplingSettings
+    from prefalign.sampling import SamplingSettings, generate
 
     module = AlignmentModule(tiny_wan(), FlowMatching())
+    denoiser, process = module.denoiser, module.process
     with pytest.raises(DataError, match=r"4·n\+1"):
-        module.generate_chunks(clip_batch, 40, SamplingSettings(num_steps=2, chunk_frames=16))
+        generate(denoiser, denoiser, process, clip_batch, 40, SamplingSettings(num_steps=2, chunk_frames=16))
     with pytest.raises(ValueError, match="motion_frames"):
-        module.generate_chunks(clip_batch, 40, SamplingSettings(num_steps=2, chunk_frames=17, motion_frames=17))
+        generate(denoiser, denoiser, process, clip_batch, 40,
+                 SamplingSettings(num_steps=2, chunk_frames=17, motion_frames=17))
 
 
 def test_wan_lora_defaults_adapt_self_attention_and_feed_forward_and_all_learn(clip_batch):
@@ -234,7 +239,7 @@ def test_wan_lora_defaults_adapt_self_attention_and_feed_forward_and_all_learn(c
     assert len(adapted) == 6 * 2  # six projections in each of the two blocks
     assert not any(".attn2." in name for name in adapted)
     # One step from the zero-initialised B: every adapter's B gets a gradient.
-    loss, _ = module.algorithm.loss(module, clip_batch)
+    loss, _ = module.algorithm.loss(module.policy, clip_batch)
     loss.backward()
     for name, param in module.named_parameters():
         if ".lora_B" in name:

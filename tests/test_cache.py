@@ -12,11 +12,12 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from prefalign.cli import main
-from prefalign.data.cache import CachedClipDataset, LatentCache, preprocess
+from prefalign.data.cache import CachedClipDataset, LatentCache
 from prefalign.data.datamodule import PortraitDataModule, collate_clips
 from prefalign.data.errors import DataError
 from prefalign.data.synthetic import TalkingShapesConfig, write_dataset
 from prefalign.denoisers import MelAudioEncoder, PixelCodec, Wav2Vec2AudioEncoder
+from prefalign.preprocess import preprocess
 
 WINDOW, STRIDE, SHARD = 9, 4, 5
 SPF = 16000 // 25  # audio samples per video frame
@@ -254,7 +255,9 @@ def test_preprocess_from_the_command_line(cache, talkingshapes, tmp_path, capsys
 def losses_of_a_fit(algorithm, dm: PortraitDataModule, steps: int = 4) -> list[float]:
     import lightning as L
 
-    from prefalign.module import AlignmentModule, LoraSettings
+    from prefalign.lora import LoraSettings
+
+    from prefalign.module import AlignmentModule
     from prefalign.processes import FlowMatching
 
     class Record(L.Callback):
@@ -292,7 +295,8 @@ def test_training_from_the_cache_repeats_training_from_decoded_clips(tmp_path, p
 def test_a_pixel_algorithm_refuses_the_cache(cache, talkingshapes):
 
     from prefalign.algorithms import ReFree
-    from prefalign.module import AlignmentModule, LoraSettings
+    from prefalign.lora import LoraSettings
+    from prefalign.module import AlignmentModule
     from prefalign.processes import FlowMatching
 
     module = AlignmentModule(tiny_wan(), FlowMatching(), algorithm=ReFree(), lora=LoraSettings(rank=4))

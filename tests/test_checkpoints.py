@@ -15,7 +15,8 @@ import yaml
 from prefalign.algorithms import DiffusionDPO
 from prefalign.data.datamodule import PortraitDataModule
 from prefalign.data.synthetic import TalkingShapesConfig, write_dataset
-from prefalign.module import AlignmentModule, LoraSettings
+from prefalign.lora import LoraSettings
+from prefalign.module import AlignmentModule
 from prefalign.processes import FlowMatching
 
 from conftest import TINY_WAN, TINY_WAN_RECIPE, quiet_trainer, tiny_wan

@@ -48,7 +48,7 @@ def test_decoded_audio_matches_the_wav(talkingshapes):
 
 def test_random_crop_keeps_audio_and_pose_aligned(talkingshapes, tmp_path):
     # A 9-frame crop of a 17-frame clip: the audio slice must follow the crop's start.
-    dm = PortraitDataModule(train=str(talkingshapes), val_fraction=0.0, num_frames=9, cache_decoded=True)
+    dm = PortraitDataModule(train=str(talkingshapes), val_fraction=0.0, num_frames=9, keep_decoded=True)
     dataset = dm.dataset("train")
     full = PortraitDataModule(train=str(talkingshapes), val_fraction=0.0).dataset("train")[0]
     torch.manual_seed(3)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from prefalign.algorithms.dpo import DiffusionDPO, dpo_loss
-from prefalign.module import AlignmentModule, LoraSettings
+from prefalign.lora import LoraSettings
+from prefalign.module import AlignmentModule
 from prefalign.processes import Diffusion, FlowMatching
 
 from conftest import quiet_trainer, tiny_wan
@@ -58,7 +59,7 @@ def pair_batch(clip_batch):
 @pytest.mark.parametrize("process", [FlowMatching(), Diffusion(prediction="eps")], ids=["flow", "diffusion"])
 def test_at_initialisation_loss_is_log2_and_margin_zero(clip_batch, process):
     module = AlignmentModule(tiny_wan(), process, algorithm=DiffusionDPO(), lora=LoraSettings(rank=4))
-    loss, logged = module.algorithm.loss(module, pair_batch(clip_batch))
+    loss, logged = module.algorithm.loss(module.policy, pair_batch(clip_batch))
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     assert logged["reward_margin"].item() == 0.0
 
@@ -74,7 +75,7 @@ def test_pair_shares_noise_and_timestep(clip_batch, monkeypatch):
 
     monkeypatch.setattr(module.denoiser, "forward", spy)
     batch = pair_batch(clip_batch)
-    module.algorithm.loss(module, batch)
+    module.algorithm.loss(module.policy, batch)
     (x_t, t), (x_ref, t_ref) = seen["calls"]  # one policy forward on 2B, one reference forward on 2B
     assert x_t.shape[0] == 8 and torch.equal(x_t, x_ref) and torch.equal(t, t_ref)
     torch.testing.assert_close(t[:4], t[4:], rtol=0, atol=0)
@@ -88,7 +89,7 @@ def test_pair_shares_noise_and_timestep(clip_batch, monkeypatch):
 def test_lora_reference_forward_adds_no_parameter_memory(clip_batch):
     module = AlignmentModule(tiny_wan(), FlowMatching(), algorithm=DiffusionDPO(), lora=LoraSettings(rank=4))
     before = {id(p) for p in module.parameters()} | {id(b) for b in module.buffers()}
-    module.algorithm.loss(module, pair_batch(clip_batch))
+    module.algorithm.loss(module.policy, pair_batch(clip_batch))
     after = {id(p) for p in module.parameters()} | {id(b) for b in module.buffers()}
     assert before == after and module._reference is None
 
@@ -100,7 +101,7 @@ def test_dpo_prefers_the_winner_after_training(clip_batch):
     batch = pair_batch(clip_batch)
     accuracies = []
     for _ in range(25):
-        loss, logged = module.algorithm.loss(module, batch)
+        loss, logged = module.algorithm.loss(module.policy, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -167,7 +168,7 @@ def test_online_pairs_are_the_best_and_worst_sample_of_each_group(clip_batch):
     module = AlignmentModule(tiny_wan(), FlowMatching(), algorithm=algo, lora=LoraSettings(rank=4))
     batch = {k: (v[:2] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in online_batch(clip_batch).items()}
     batch["audio"] = batch["audio"][:, : 9 * 640]
-    chosen, rejected, weight, logged = algo.online_pairs(module, batch)
+    chosen, rejected, weight, logged = algo.online_pairs(module.policy, batch)
     assert chosen.shape == rejected.shape == (2, *module.denoiser.latent_shape(9, 32, 32))
     brightness = reward.seen.flatten(1).mean(dim=1).view(2, 3)
     decoded_chosen = module.denoiser.decode(chosen).flatten(1).mean(dim=1)
@@ -183,7 +184,7 @@ def test_online_groups_without_two_usable_rewards_weigh_nothing(clip_batch):
     module = AlignmentModule(tiny_wan(), FlowMatching(), algorithm=algo, lora=LoraSettings(rank=4))
     batch = {k: (v[:2] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in online_batch(clip_batch).items()}
     batch["audio"] = batch["audio"][:, : 9 * 640]
-    _, _, weight, logged = algo.online_pairs(module, batch)
+    _, _, weight, logged = algo.online_pairs(module.policy, batch)
     assert weight.tolist() == [0.0, 1.0]
     assert logged["online_dropped_fraction"].item() == 0.5
 

@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
 from prefalign import evaluation, metrics, plots
+from prefalign.callbacks import TrainingCurves
 from prefalign.data import media
 from prefalign.data.synthetic import TalkingShapesConfig
 from prefalign.evaluation import EvaluationTable, clip_scores, sample_grid
@@ -370,14 +371,14 @@ def _trainer(**kwargs) -> L.Trainer:
 
 def test_training_curves_callback_draws_the_csv_loggers_curves(tmp_path) -> None:
     logger = CSVLogger(tmp_path, name="csv")
-    _trainer(logger=logger, callbacks=[plots.TrainingCurves()]).fit(TinyRegression())
+    _trainer(logger=logger, callbacks=[TrainingCurves()]).fit(TinyRegression())
     log_dir = Path(logger.log_dir)
     assert len(plots.series(plots.read_rows(log_dir / "metrics.csv"), "train/loss")[0]) == 3
     assert min(_png_size(log_dir / "curves.png")) > 100
 
 
 def test_training_curves_callback_warns_once_without_a_csv_logger(tmp_path) -> None:
-    callback = plots.TrainingCurves()
+    callback = TrainingCurves()
     trainer = _trainer(logger=False, callbacks=[callback], default_root_dir=tmp_path)
     with pytest.warns(UserWarning, match="no CSVLogger"):
         trainer.fit(TinyRegression())

@@ -13,7 +13,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from prefalign.algorithms.base import repeat_conditions
 from prefalign.algorithms.grpo import GRPO, gaussian_kl, group_spread, guard_log_ratio, ppo_clip_loss
 from prefalign.data.datamodule import PortraitDataModule
-from prefalign.module import AlignmentModule, LoraSettings
+from prefalign.lora import LoraSettings
+from prefalign.module import AlignmentModule
 from prefalign.processes import Diffusion, FlowMatching
 from prefalign.rewards import SyncExpert
 from prefalign.rewards.base import Reward
@@ -143,7 +144,7 @@ def test_same_noise_per_group_starts_a_group_together(talkingshapes):
     module = AlignmentModule(tiny_wan(), FlowMatching())
     grpo = GRPO(SyncExpert(), group_size=3, num_steps=2, same_noise_per_group=True)
     expanded = grouped_batch(talkingshapes, conditions=2, group_size=3)
-    segments, videos = grpo.rollouts(module, expanded, 17, torch.Generator().manual_seed(0))
+    segments, videos = grpo.rollouts(module.policy, expanded, 17, torch.Generator().manual_seed(0))
     start = segments[0].states[0]
     assert torch.equal(start[0], start[2]) and not torch.equal(start[0], start[3])
     assert not torch.equal(segments[0].states[-1][0], segments[0].states[-1][1])  # the SDE still spreads them
@@ -156,7 +157,7 @@ def test_chunked_rollouts_join_and_train(talkingshapes):
     module = AlignmentModule(tiny_wan(), FlowMatching())
     grpo = GRPO(SyncExpert(), group_size=2, num_steps=2, chunk_frames=9, motion_frames=5)
     expanded = grouped_batch(talkingshapes, conditions=1, group_size=2)
-    segments, video = grpo.rollouts(module, expanded, 17, torch.Generator().manual_seed(0))
+    segments, video = grpo.rollouts(module.policy, expanded, 17, torch.Generator().manual_seed(0))
     assert len(segments) == 3 and video.shape == (2, 17, 3, 32, 32)  # 9 + 4 + 4 frames
     assert all(s.free_from == 2 for s in segments[1:])  # 5 given frames = 2 latent frames
     first = module.denoiser.decode(segments[0].states[-1])
@@ -473,7 +474,7 @@ def test_only_the_window_is_stochastic_and_a_group_shares_its_path_until_it(talk
     module = AlignmentModule(tiny_wan(), FlowMatching())
     grpo = GRPO(SyncExpert(), group_size=3, num_steps=4, sde_window=2, window_start=1, same_noise_per_group=True)
     expanded = grouped_batch(talkingshapes, conditions=2, group_size=3)
-    (segment,), _ = grpo.rollouts(module, expanded, 17, torch.Generator().manual_seed(0))
+    (segment,), _ = grpo.rollouts(module.policy, expanded, 17, torch.Generator().manual_seed(0))
     finite = torch.isfinite(segment.log_probs).all(dim=1)
     assert finite.tolist() == [False, True, True, False]  # the ODE steps have no density
     states = segment.states
@@ -515,7 +516,7 @@ def test_ratio_norm_reweights_the_steps_by_their_std(talkingshapes):
     module = AlignmentModule(tiny_wan(), FlowMatching())
     grpo = GRPO(SyncExpert(), group_size=2, num_steps=3, ratio_norm=True)
     expanded = grouped_batch(talkingshapes, conditions=1, group_size=2)
-    (segment,), _ = grpo.rollouts(module, expanded, 17, torch.Generator().manual_seed(0))
+    (segment,), _ = grpo.rollouts(module.policy, expanded, 17, torch.Generator().manual_seed(0))
     process, denoiser = module.process, module.denoiser
     t = process.timesteps(3)
     adv = torch.tensor([1.0, -1.0])
@@ -540,15 +541,15 @@ def test_ratio_norm_reweights_the_steps_by_their_std(talkingshapes):
 def test_mouth_exploration_draws_noise_on_the_mouth_box_alone_and_trains_on_policy(talkingshapes):
     """explore: mouth. A stochastic step moves only the mouth box's latents off the step's mean, its log-prob is the
     density of those latents, and the first pass of the update (RatioNorm, KL) is exactly on policy."""
-    from prefalign.algorithms.sft import mouth_mask
+    from prefalign.algorithms.base import mouth_mask
 
     torch.manual_seed(0)
     module = AlignmentModule(tiny_wan(), FlowMatching())
     grpo = GRPO(SyncExpert(), group_size=2, num_steps=3, sde_window=1, explore="mouth", ratio_norm=True)
     assert "pose" in grpo.required_fields and "pose" not in GRPO(SyncExpert()).required_fields
     expanded = grouped_batch(talkingshapes, conditions=1, group_size=2)
-    (segment,), _ = grpo.rollouts(module, expanded, 17, torch.Generator().manual_seed(0))
-    region = mouth_mask(module, expanded)
+    (segment,), _ = grpo.rollouts(module.policy, expanded, 17, torch.Generator().manual_seed(0))
+    region = mouth_mask(module.denoiser, expanded)
     assert torch.equal(segment.region, region)
     inside = region.expand_as(segment.states[1]).bool()
     assert 0 < float(inside.float().mean()) < 0.5  # a box, not the frame
@@ -592,9 +593,9 @@ def test_mouth_exploration_needs_pose_and_a_known_region(talkingshapes, tmp_path
     batch = grouped_batch(talkingshapes, conditions=1, group_size=2)
     batch["pose"] = batch["pose"][:, :, :3]  # a skeleton without the TalkingShapes mouth point
     with pytest.raises(ValueError, match=r"pose: the mouth box needs keypoints \[B, T, K >= 4, 2\]"):
-        grpo.rollouts(module, batch, 17, torch.Generator().manual_seed(0))
+        grpo.rollouts(module.policy, batch, 17, torch.Generator().manual_seed(0))
     batch["pose"] = torch.full((2, 17, 8, 2), 1.5)  # every keypoint outside the frame: an empty box, nothing explored
-    (segment,), _ = grpo.rollouts(module, batch, 17, torch.Generator().manual_seed(0))
+    (segment,), _ = grpo.rollouts(module.policy, batch, 17, torch.Generator().manual_seed(0))
     assert float(segment.region.sum()) == 0 and bool((segment.log_probs == 0).all())
     rows = [json.loads(line) for line in talkingshapes.read_text().splitlines()[:2]]
     no_pose = tmp_path / "no_pose.jsonl"
@@ -614,7 +615,7 @@ def test_mouth_exploration_covers_the_generated_frames_of_each_chunk(talkingshap
     grpo = GRPO(SyncExpert(), group_size=2, num_steps=2, chunk_frames=9, motion_frames=5, explore="mouth",
                 ratio_norm=True, train_fraction=1.0)
     expanded = grouped_batch(talkingshapes, conditions=1, group_size=2)
-    segments, _ = grpo.rollouts(module, expanded, 17, torch.Generator().manual_seed(0))
+    segments, _ = grpo.rollouts(module.policy, expanded, 17, torch.Generator().manual_seed(0))
     for segment in segments:
         assert segment.region.shape[2] == segment.states.shape[3] - segment.free_from
         assert bool(torch.isfinite(segment.log_probs).all())

@@ -458,7 +458,8 @@ def test_refusals_reach_the_denoiser_as_data_errors(tmp_path, wan_i2v_14b_dir, w
 def test_lora_adapts_the_default_targets_and_the_reference_is_the_loaded_model(
     hallo4_dir, wan_i2v_14b_dir, wav2vec2_base_960h_dir, plain, plain_cond
 ):
-    from prefalign.module import AlignmentModule, LoraSettings
+    from prefalign.lora import LoraSettings
+    from prefalign.module import AlignmentModule
     from prefalign.processes import FlowMatching
 
     torch.manual_seed(0)
@@ -540,7 +541,8 @@ def _fit_one_step(module, train, num_frames):
 def test_one_dpo_step_on_pairs_trains_the_adapters(hallo4_dir, wan_i2v_14b_dir, wav2vec2_base_960h_dir, tmp_path):
     from prefalign.algorithms.dpo import DiffusionDPO
     from prefalign.data.synthetic import write_dataset
-    from prefalign.module import AlignmentModule, LoraSettings
+    from prefalign.lora import LoraSettings
+    from prefalign.module import AlignmentModule
     from prefalign.processes import FlowMatching
 
     pairs = write_dataset(tmp_path, num_clips=4, seed=5, rejected=("shift",))
@@ -558,7 +560,8 @@ def test_one_dpo_step_on_pairs_trains_the_adapters(hallo4_dir, wan_i2v_14b_dir, 
 
 def test_one_grpo_step_trains_the_adapters(hallo4_dir, wan_i2v_14b_dir, wav2vec2_base_960h_dir, talkingshapes):
     from prefalign.algorithms.grpo import GRPO
-    from prefalign.module import AlignmentModule, LoraSettings
+    from prefalign.lora import LoraSettings
+    from prefalign.module import AlignmentModule
     from prefalign.processes import FlowMatching
     from prefalign.rewards import SyncExpert
 

@@ -30,7 +30,8 @@ from prefalign import recipes
 from prefalign.cli import main
 from prefalign.data.datamodule import PortraitDataModule
 from prefalign.data.synthetic import TalkingShapesConfig, write_dataset
-from prefalign.module import LoraSettings, SamplingSettings
+from prefalign.lora import LoraSettings
+from prefalign.sampling import SamplingSettings
 
 #: Address space a case may add: parsing and building the tiny model need little, but a bomb's expansion takes GBs.
 MEMORY_MB = 3072

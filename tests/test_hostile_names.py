@@ -370,7 +370,7 @@ def labels_writer(out: Path) -> None:
 
 def preprocess_writer(clips: Path):
     def write(out: Path) -> None:
-        from prefalign.data.cache import preprocess
+        from prefalign.preprocess import preprocess
 
         from conftest import tiny_wan
 

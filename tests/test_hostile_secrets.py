@@ -40,7 +40,8 @@ from prefalign import checkpoints
 from prefalign.algorithms.grpo import GRPO
 from prefalign.data.datamodule import PortraitDataModule
 from prefalign.hub import push
-from prefalign.module import AlignmentModule, LoraSettings
+from prefalign.lora import LoraSettings
+from prefalign.module import AlignmentModule
 from prefalign.processes import FlowMatching
 from prefalign.rewards import CompositeReward, MLLMJudge, OpenAIJudge, SyncExpert
 from prefalign.rewards.base import Reward
@@ -788,7 +789,7 @@ def test_no_secret_reaches_files_logs_or_output_of_a_run_and_its_pushes(talkings
                         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                          "init_args": {"dirpath": str(run / "checkpoints"), "save_last": True, "save_top_k": 0,
                                        "every_n_train_steps": 1}},
-                        {"class_path": "prefalign.hub.PushToHub",
+                        {"class_path": "prefalign.callbacks.PushToHub",
                          "init_args": {"repo_id": "alice/secret-run", "every_n_steps": 1, "endpoint": hub.url}},
                     ],
                 },

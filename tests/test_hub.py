@@ -22,14 +22,15 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file
 
+from prefalign.callbacks import PushToHub
 from prefalign.cli import main
 from prefalign.data.datamodule import PortraitDataModule
 from prefalign.recipes import MAX_BYTES
 from prefalign.hub import (
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODULES, RECIPE, PushToHub, eval_markdown, find_recipe,
-    load_adapter, push, write_adapter,
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODULES, RECIPE, eval_markdown, find_recipe, load_adapter, push, write_adapter,
 )  # fmt: skip
-from prefalign.module import AlignmentModule, LoraSettings
+from prefalign.lora import LoraSettings
+from prefalign.module import AlignmentModule
 from prefalign.processes import FlowMatching
 
 from conftest import TINY_WAN, tiny_wan

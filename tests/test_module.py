@@ -9,7 +9,10 @@ from safetensors.torch import save_file
 
 from prefalign.algorithms import SFT, Algorithm
 from prefalign.data.errors import DataError
-from prefalign.module import AlignmentModule, LoraSettings, SamplingSettings, load_denoiser_weights
+from prefalign.lora import LoraSettings
+from prefalign.module import AlignmentModule
+from prefalign.sampling import SamplingSettings
+from prefalign.weights import load_denoiser_weights
 from prefalign.processes import Diffusion, FlowMatching
 
 from conftest import tiny_wan
@@ -19,7 +22,7 @@ def train_steps(module, batch, steps, lr=1e-3):
     optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=lr)
     losses = []
     for _ in range(steps):
-        loss, _ = module.algorithm.loss(module, batch)
+        loss, _ = module.algorithm.loss(module.policy, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -259,7 +262,7 @@ def test_every_trained_tensor_moves_in_one_step_at_the_recipes_learning_rate(tmp
     assert optimizer.param_groups[0]["lr"] == lr
     before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as bf16-mixed computes
-        loss, _ = module.algorithm.loss(module, clip_batch)
+        loss, _ = module.algorithm.loss(module.policy, clip_batch)
     loss.backward()
     optimizer.step()
     for name, param in module.named_parameters():

@@ -7,6 +7,7 @@ import torch
 from torch.distributions import Normal
 
 from prefalign.processes import Diffusion, FlowMatching, Process, StepOutput, shift_sigma
+from prefalign.sampling import sample_latents
 
 DT = torch.float64
 
@@ -76,7 +77,7 @@ def test_flow_ode_with_exact_velocity_reaches_a_point_mass(shift):
     c = torch.tensor([1.5, -2.0], dtype=DT)
     # For data = c, x_σ = (1 − σ)c + σ·eps, so v = eps − c = (x − c)/σ.
     model = lambda x, tm: (x - c) / (tm / 1000).to(DT).view(-1, 1)  # noqa: E731
-    x = p.sample(model, torch.randn(8, 2, dtype=DT), num_steps=7)
+    x = sample_latents(lambda x, tm, cond: model(x, tm), p, {}, torch.randn(8, 2, dtype=DT), 7).latents
     torch.testing.assert_close(x, c.expand(8, 2))
 
 
@@ -407,7 +408,7 @@ def test_sampling_a_gaussian_with_the_exact_model_gives_its_mean_and_std(process
     g = torch.Generator().manual_seed(0)
     z = process.prior((4000, 2), generator=g, dtype=DT)
     z = (z - z.mean(0)) / z.std(0)  # an exactly standard start, so that only the sampler's error remains
-    x = process.sample(model, z, steps, stochastic=stochastic, generator=g)
+    x = sample_latents(lambda x, tm, cond: model(x, tm), process, {}, z, steps, g, stochastic=stochastic).latents
     torch.testing.assert_close(x.mean(0), MU, atol=0.05, rtol=0)
     torch.testing.assert_close(x.std(0), S, atol=0.05, rtol=0.03)
 

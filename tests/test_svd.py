@@ -8,7 +8,8 @@ import torch
 
 from prefalign.denoisers import MelAudioEncoder, PixelCodec, SVDDenoiser, SVDVAECodec
 from prefalign.denoisers.base import CheckpointWithConditions
-from prefalign.module import AlignmentModule, LoraSettings
+from prefalign.lora import LoraSettings
+from prefalign.module import AlignmentModule
 from prefalign.processes import Diffusion
 
 ROOT = Path(__file__).parents[1]
@@ -210,7 +211,7 @@ def test_lora_reference_is_the_bare_pretrained_unet(tmp_path, clip_batch):
         expected = bare_prediction(bare_unet(folder), x_t, t, cond["reference"])
     optimizer = torch.optim.AdamW(module.trainable_parameters(), lr=1e-2)
     for _ in range(2):
-        loss, _ = module.algorithm.loss(module, clip_batch)
+        loss, _ = module.algorithm.loss(module.policy, clip_batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

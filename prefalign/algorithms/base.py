@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 
-from prefalign.data.errors import DataError
-
-if TYPE_CHECKING:
-    from prefalign.module import AlignmentModule
+from prefalign import metrics
+from prefalign.data.errors import require_fields
+from prefalign.denoisers.base import PortraitDenoiser
+from prefalign.policy import Policy
 
 
 #: Pixel fields and the cached latents (``prefalign preprocess``) that can stand for them.
@@ -20,7 +20,8 @@ class Algorithm:
     """One alignment method. Plain class: configured from YAML as ``model.algorithm: {class_path, init_args}``.
 
     A subclass sets ``required_fields`` (the batch fields it reads) and ``needs_reference`` (whether it calls
-    ``module.reference()``), and implements :meth:`loss`.
+    ``policy.reference()``), and implements :meth:`loss`. It sees the model only as a :class:`~prefalign.policy.Policy`
+    (the denoiser, the process, the reference, the step and rank), so its losses run without Lightning.
     """
 
     required_fields: tuple[str, ...] = ("video", "audio", "reference")
@@ -54,19 +55,20 @@ class Algorithm:
         """Fail at setup, not mid-epoch, when the data cannot feed this algorithm."""
         if not self.needs_pixels:  # cached latents stand for the clips they were encoded from
             available = available | {pixels for pixels, latents in CACHED.items() if latents in available}
-        for field in self.required_fields:
-            if field not in available:
-                raise DataError(
-                    f"the {self.name} algorithm needs the field '{field}', which this dataset does not provide in every row "
-                    f"(it has: {', '.join(sorted(available)) or 'nothing'})",
-                    path=source,
-                    field=field,
-                )
+        require_fields(self.required_fields, available, source, f"the {self.name} algorithm")
 
-    def setup(self, module: AlignmentModule) -> None:
+    def data_fields(self) -> set[str]:
+        """The batch fields the method reads: its required ones, and ``pose`` where its reward reads it (the data
+        module then loads pose where the rows have it; the reward says what it needs of it)."""
+        fields = set(self.required_fields)
+        if getattr(getattr(self, "reward", None), "reads_pose", False):
+            fields.add("pose")
+        return fields
+
+    def setup(self, policy: Policy) -> None:
         """Called once the module is on its device, before training (create buffers, snapshots)."""
 
-    def on_step_end(self, module: AlignmentModule, step: int) -> None:
+    def on_step_end(self, policy: Policy, step: int) -> None:
         """Called after every optimizer step, ``step`` being the number of steps done (1 after the first): refresh a
         reference, a cache of negatives... (before a checkpoint of that step is written)."""
 
@@ -78,13 +80,13 @@ class Algorithm:
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` returned."""
 
-    def loss(self, module: AlignmentModule, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(self, policy: Policy, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The scalar training loss for ``batch`` and the metrics to log (names without a prefix)."""
         raise NotImplementedError
 
-    def training_step(self, module: AlignmentModule, batch: dict) -> dict[str, torch.Tensor]:
-        """With ``manual_optimization``: do the batch's optimizer steps (``module.optimizers()``,
-        ``module.manual_backward``) and return the metrics to log."""
+    def training_step(self, policy: Policy, batch: dict) -> dict[str, torch.Tensor]:
+        """With ``manual_optimization``: do the batch's optimizer steps (``policy.backward``,
+        ``policy.optimizer_step``) and return the metrics to log."""
         raise NotImplementedError
 
 
@@ -98,6 +100,19 @@ def per_sample_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tens
         return error.flatten(1).mean(dim=1)
     weights = weights.float().expand_as(error)
     return (weights * error).flatten(1).sum(dim=1) / weights.flatten(1).sum(dim=1)
+
+
+def denoising_loss(denoiser: PortraitDenoiser, process, batch: dict, seed: int = 0) -> torch.Tensor:
+    """The plain denoising loss with seeded noise and timesteps: comparable across epochs and algorithms (the
+    validation loss of every method)."""
+    x0 = denoiser.latents(batch)
+    device = x0.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    cond = denoiser.condition(batch)
+    eps = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+    t = process.sample_t(x0.shape[0], device=device, generator=generator)
+    pred = denoiser(process.noise(x0, eps, t), process.model_time(t), cond)
+    return per_sample_mse(pred, process.target(x0, eps, t)).mean()
 
 
 def repeat_conditions(batch: dict, times: int) -> dict:
@@ -114,3 +129,45 @@ def step_generator(seed: int, step: int, rank: int, device="cpu") -> torch.Gener
 
     state = np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]
     return torch.Generator(device=device).manual_seed(int(state))
+
+
+def with_pose(fields: tuple[str, ...], reads_pose: bool) -> tuple[str, ...]:
+    """``fields``, and ``pose`` after them where the method locates the mouth from the keypoints."""
+    return fields + (("pose",) if reads_pose else ())
+
+
+def mouth_mask(denoiser: PortraitDenoiser, batch: dict) -> torch.Tensor:
+    """``[B, 1, F, h, w]``: 1 on the latents that encode a pixel of the box mouth ± (0.6·d, 0.8·d) located from the
+    ``pose`` keypoints (d the eye distance), 0 elsewhere."""
+    height, width = batch["reference"].shape[-2:]
+    return denoiser.codec.pool_mask(metrics.training_mouth_box(batch["pose"], height, width))
+
+
+def mouth_weights(denoiser: PortraitDenoiser, batch: dict, mouth_weight: float) -> torch.Tensor | None:
+    """Per-latent loss weights ``[B, 1, F, h, w]``: ``1 + mouth_weight`` on the latents of the mouth box
+    (:func:`mouth_mask`), 1 elsewhere; None for 0."""
+    if not mouth_weight:
+        return None
+    return 1 + mouth_weight * mouth_mask(denoiser, batch)
+
+
+def paired_errors(policy: Policy, win: torch.Tensor, lose: torch.Tensor, cond: dict,
+                  weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
+    """The per-sample denoising errors of a preference pair under the policy and the reference: ``e_w, e_l, r_w,
+    r_l``, each ``[B]``.
+
+    Winner and loser share their noise and timestep (Diffusion-DPO); the policy sees both in one batched forward,
+    the reference in one no-grad forward. ``weights`` (``[B, 1, F, h, w]``, e.g. :func:`mouth_weights`) weigh the
+    latents of both."""
+    denoiser, process = policy.denoiser, policy.process
+    size = win.shape[0]
+    pair_cond = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in cond.items()}
+    pair_weights = None if weights is None else torch.cat([weights, weights])
+    eps = torch.randn_like(win).repeat(2, 1, 1, 1, 1)  # the pair shares its noise ...
+    t = process.sample_t(size, device=win.device).repeat(2)  # ... and its timestep
+    x0 = torch.cat([win, lose])
+    x_t, model_t, target = process.noise(x0, eps, t), process.model_time(t), process.target(x0, eps, t)
+    e_w, e_l = per_sample_mse(denoiser(x_t, model_t, pair_cond), target, pair_weights).chunk(2)
+    with policy.reference() as reference:
+        r_w, r_l = per_sample_mse(reference(x_t, model_t, pair_cond), target, pair_weights).chunk(2)
+    return e_w, e_l, r_w, r_l

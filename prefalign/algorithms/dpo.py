@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
-from prefalign.algorithms.base import Algorithm, per_sample_mse, repeat_conditions, step_generator
+from prefalign.algorithms.base import Algorithm, paired_errors, repeat_conditions, step_generator
 from prefalign.data.errors import DataError
 from prefalign.denoisers.base import frames_of
+from prefalign.policy import Policy
 from prefalign.rewards.base import Reward
 
 LossType = Literal["sigmoid", "hinge", "ipo"]
@@ -141,15 +141,15 @@ class DiffusionDPO(Algorithm):
         if "reward" in state and self.reward is not None:
             self.reward.load_state_dict(state["reward"])
 
-    def setup(self, module) -> None:
+    def setup(self, policy: Policy) -> None:
         if self.reference_refresh_every:
             # The starting policy as a lagged snapshot (the same model): its tensors exist from the start, so a
             # strategy that loads checkpoints strictly before our hook (FSDP) finds them when resuming.
-            module.refresh_reference()
+            policy.refresh_reference()
 
-    def on_step_end(self, module, step: int) -> None:
+    def on_step_end(self, policy: Policy, step: int) -> None:
         if self.reference_refresh_every and step % self.reference_refresh_every == 0:
-            module.refresh_reference()
+            policy.refresh_reference()
 
     def pair_weights(self, batch: dict, size: int, device: torch.device) -> torch.Tensor:
         """Signed weight per pair from its per-aspect labels (1 where the pair has none or no weights are set)."""
@@ -161,19 +161,17 @@ class DiffusionDPO(Algorithm):
             weights.append(sum(w * float(labels.get(aspect, 0)) for aspect, w in self.aspect_weights.items()) if labels else 1.0)
         return torch.tensor(weights, device=device, dtype=torch.float32)
 
-    def online_pairs(self, module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    def online_pairs(self, policy: Policy, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         """Chosen and rejected latents ``[B, C, F, h, w]`` from ``group_size`` policy samples per condition: the
         best and the worst under the reward. A group with fewer than two usable rewards (a judge's dropped
         answers) or no spread gives a pair of weight 0 (it still runs through the model, so that every rank's
         backward covers the same parameters). Returns (chosen, rejected, weight [B], logged)."""
         g, size = self.group_size, batch["reference"].shape[0]
         expanded = repeat_conditions(batch, g)
-        generator = step_generator(self.seed, module.global_step, module.global_rank, module.device)
-        settings = dataclasses.replace(module.sampling, num_steps=self.sample_steps, guidance_scale=self.guidance_scale,
-                                       stochastic=False, seed=self.seed, chunk_frames=None)
-        latents = module.sample_latents(expanded, frames_of(batch), settings, generator)
+        generator = step_generator(self.seed, policy.global_step, policy.global_rank, policy.device)
+        latents = policy.sample(expanded, frames_of(batch), generator, self.sample_steps, self.guidance_scale)
         with torch.no_grad():
-            rewards, _ = self.reward.total(module.denoiser.decode(latents), expanded)
+            rewards, _ = self.reward.total(policy.denoiser.decode(latents), expanded)
         rewards = rewards.float().view(size, g).to(latents.device)
         usable = torch.isfinite(rewards)
         best = torch.where(usable, rewards, -torch.inf).argmax(dim=1)
@@ -189,34 +187,21 @@ class DiffusionDPO(Algorithm):
         }
         return latents[rows + best], latents[rows + worst], weight, logged
 
-    def loss(self, module, batch):
-        denoiser, process = module.denoiser, module.process
+    def loss(self, policy: Policy, batch: dict):
+        denoiser = policy.denoiser
         online = {}
         if "rejected" in batch or "rejected_latents" in batch:
             chosen = denoiser.latents(batch)
             rejected = denoiser.latents(batch, "rejected")
             weight = self.pair_weights(batch, chosen.shape[0], chosen.device)
         elif self.reward is not None:
-            chosen, rejected, weight, online = self.online_pairs(module, batch)
+            chosen, rejected, weight, online = self.online_pairs(policy, batch)
         else:
             raise DataError("DiffusionDPO needs rejected clips, or a `reward` to make pairs from its own samples "
                             "(model.algorithm.init_args.reward)", field="rejected")
-        size = chosen.shape[0]
         swap = (weight < 0).view(-1, *([1] * (chosen.dim() - 1)))
         win, lose = torch.where(swap, rejected, chosen), torch.where(swap, chosen, rejected)
-
-        cond = denoiser.condition(batch)
-        pair_cond = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in cond.items()}
-        eps = torch.randn_like(win).repeat(2, 1, 1, 1, 1)  # the pair shares its noise ...
-        t = process.sample_t(size, device=win.device).repeat(2)  # ... and its timestep
-        x0 = torch.cat([win, lose])
-        x_t, model_t, target = process.noise(x0, eps, t), process.model_time(t), process.target(x0, eps, t)
-
-        errors = per_sample_mse(denoiser(x_t, model_t, pair_cond), target)
-        with module.reference() as reference:
-            reference_errors = per_sample_mse(reference(x_t, model_t, pair_cond), target)
-        e_w, e_l = errors.chunk(2)
-        r_w, r_l = reference_errors.chunk(2)
+        e_w, e_l, r_w, r_l = paired_errors(policy, win, lose, denoiser.condition(batch))
         per_pair, reward_margin = dpo_loss(e_w, e_l, r_w, r_l, self.beta, self.loss_type)
         magnitude = weight.abs()
         loss = (magnitude * per_pair).sum() / magnitude.sum().clamp_min(1.0 if online else 1e-8)

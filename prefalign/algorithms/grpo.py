@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
-from prefalign.algorithms.base import Algorithm, repeat_conditions, step_generator
-from prefalign.algorithms.sft import mouth_mask
-from prefalign.denoisers.base import frames_of, join_chunks
-from prefalign.processes.base import masked_mean, randn
+from prefalign.algorithms.base import Algorithm, mouth_mask, repeat_conditions, step_generator, with_pose
+from prefalign.denoisers.base import frames_of
+from prefalign.policy import Policy
+from prefalign.processes.base import masked_mean
 from prefalign.rewards.base import Reward
 from prefalign.rewards.composite import CompositeReward, group_advantages
-
-if TYPE_CHECKING:
-    from prefalign.module import AlignmentModule
+from prefalign.sampling import micro_batches, run_chunks, sample_latents, slice_conditions, step_distribution
 
 
 def ppo_clip_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float):
@@ -110,6 +108,20 @@ class Segment:
     region: Optional[torch.Tensor] = None
 
 
+@dataclass
+class Rollouts:
+    """A batch's rollouts: the ``N = B·G`` inputs (each condition repeated ``group_size`` times), their group ids
+    ``[N]``, the segments to train on, the decoded videos ``[N, T, 3, H, W]``, the step's generator (it draws the
+    trained steps next) and the SDE window the rollouts used."""
+
+    inputs: dict
+    group_ids: torch.Tensor
+    segments: list[Segment]
+    videos: torch.Tensor
+    generator: torch.Generator
+    window: range
+
+
 class GRPO(Algorithm):
     """Group Relative Policy Optimization on stochastic sampler trajectories (Flow-GRPO, DanceGRPO, FlowPortrait).
 
@@ -154,7 +166,7 @@ class GRPO(Algorithm):
         max_grad_norm (float | None): clip the gradient norm before each optimizer step (manual optimization:
             the trainer's ``gradient_clip_val`` does not apply).
         chunk_frames (int | None): roll out clips longer than this chunk by chunk (FlowPortrait's autoregressive
-            generation, see ``AlignmentModule.generate_chunks``); every chunk's steps are trained with the
+            generation, see ``sampling.run_chunks``); every chunk's steps are trained with the
             clip's advantage. None: one pass.
         motion_frames (int): frames of the previous chunk that start the next.
         seed (int): seeds the rollout noise, mixed with the step and the process rank so that no two ranks or
@@ -170,7 +182,7 @@ class GRPO(Algorithm):
 
     @property
     def required_fields(self) -> tuple[str, ...]:
-        return ("audio", "reference") + (("pose",) if self.explore == "mouth" else ())
+        return with_pose(("audio", "reference"), self.explore == "mouth")
 
     def __init__(
         self,
@@ -252,17 +264,8 @@ class GRPO(Algorithm):
     def step_distribution(self, model: Callable, process, x: torch.Tensor, t, t_next, cond: dict, drop,
                           stochastic: bool = True):
         """Mean and std of the step from ``x`` at ``t`` under ``model`` (with CFG when configured): the stochastic
-        step, or the deterministic one (std 0)."""
-        model_t = process.model_time(t.expand(x.shape[0]))
-        pred = model(x, model_t, cond)
-        if self.guidance_scale != 1.0:
-            uncond = model(x, model_t, drop(cond, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)))
-            pred = uncond + self.guidance_scale * (pred - uncond)
-        if not stochastic:
-            out = process.step(pred, x, t, t_next)
-            return out.mean, out.std
-        out = process.step(pred, x, t, t_next, stochastic=True, noise=torch.zeros_like(x, dtype=torch.float32))
-        return out.mean, out.std
+        step, or the deterministic one (std 0); see ``sampling.step_distribution``."""
+        return step_distribution(model, process, x, t, t_next, cond, self.guidance_scale, drop, stochastic)
 
     def stochastic_steps(self, step: int) -> range:
         """The sampler steps that are stochastic (and so may be trained) at training step ``step``: all of them, or
@@ -275,94 +278,45 @@ class GRPO(Algorithm):
         start = min(start, self.num_steps - self.sde_window)
         return range(start, start + self.sde_window)
 
-    def chunks(self, n: int) -> list[slice]:
-        size = self.micro_batch or n
-        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-    @staticmethod
-    def slice_cond(cond: dict, part: slice, n: int) -> dict:
-        return {k: (v[part] if torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n else v) for k, v in cond.items()}
-
     # --- rollouts ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def rollout(self, module: AlignmentModule, inputs: dict, num_frames: int, x: torch.Tensor,
+    def rollout(self, policy: Policy, inputs: dict, num_frames: int, x: torch.Tensor,
                 generator: torch.Generator, known: Optional[torch.Tensor] = None,
                 stochastic: Optional[range] = None) -> Segment:
-        """Sample from ``x`` (the prior), storing states and log-probs: the steps in ``stochastic`` (default: all)
-        are stochastic, the others deterministic. ``known`` latents fix the first latent frames at every step (a
-        chunk's given frames), noised to the step's level. With ``explore: mouth`` the noise is drawn on the
-        mouth box's latents only."""
-        stochastic = range(self.num_steps) if stochastic is None else stochastic
-        process, denoiser = module.process, module.denoiser
+        """Sample from ``x`` (the prior), storing states and log-probs (``sampling.sample_latents`` with
+        ``record``): the steps in ``stochastic`` (default: all) are stochastic, the others deterministic. ``known``
+        latents fix the first latent frames (a chunk's given frames). With ``explore: mouth`` the noise is drawn on
+        the mouth box's latents only."""
+        denoiser = policy.denoiser
         cond = denoiser.condition(inputs, num_frames)
-        region = mouth_mask(module, inputs).to(x.dtype) if self.explore == "mouth" else None
-        schedule = process.timesteps(self.num_steps, device=x.device)
-        n = x.shape[0]
+        region = mouth_mask(denoiser, inputs).to(x.dtype) if self.explore == "mouth" else None
+        path = sample_latents(denoiser, policy.process, cond, x, self.num_steps, generator,
+                              guidance_scale=self.guidance_scale, drop=denoiser.drop_conditions,
+                              stochastic=range(self.num_steps) if stochastic is None else stochastic, known=known,
+                              region=region, micro_batch=self.micro_batch, record=True, keep_means=self.ratio_norm)
         m = 0 if known is None else known.shape[2]
-        free_region = None if region is None else region[:, :, m:]
-        if known is not None:
-            known_noise = randn(known.shape, generator=generator, device=x.device, dtype=known.dtype)
-        states, log_probs, kept_means = [], [], {}
-        for j, (t, t_next) in enumerate(zip(schedule[:-1], schedule[1:])):
-            if known is not None:
-                x = torch.cat([process.noise(known, known_noise, t.expand(n)).to(x.dtype), x[:, :, m:]], dim=2)
-            states.append(x)
-            means, stds = [], []
-            for part in self.chunks(n):
-                mean, std = self.step_distribution(
-                    denoiser, process, x[part], t, t_next, self.slice_cond(cond, part, n), denoiser.drop_conditions,
-                    stochastic=j in stochastic,
-                )
-                means.append(mean)
-                stds.append(std)
-            mean, std = torch.cat(means), torch.cat(stds)
-            if bool((std > 0).all()):
-                noise = randn(mean.shape, generator=generator, device=x.device, dtype=mean.dtype)
-                sample = mean + std * (noise if region is None else noise * region)
-                log_probs.append(process.log_prob(sample[:, :, m:], mean[:, :, m:], std, free_region))
-                if self.ratio_norm:
-                    kept_means[j] = mean
-            else:  # a deterministic step (outside the SDE window, the last DDIM / CPS step): never trained
-                sample = mean
-                log_probs.append(torch.full((n,), float("nan"), device=x.device))
-            x = sample.to(x.dtype)
-        if known is not None:
-            x = torch.cat([known.to(x.dtype), x[:, :, m:]], dim=2)
-        states.append(x)
-        return Segment(inputs, num_frames, cond, torch.stack(states), torch.stack(log_probs), free_from=m,
-                       means=kept_means, region=free_region)
+        return Segment(inputs, num_frames, cond, path.states, path.log_probs, free_from=m, means=path.means,
+                       region=None if region is None else region[:, :, m:])
 
-    def rollouts(self, module: AlignmentModule, batch: dict, num_frames: int, generator: torch.Generator):
-        """All rollouts of a batch of conditions: the segments to train on and the decoded videos ``[N, T, ...]``."""
-        denoiser, process = module.denoiser, module.process
-        stochastic = self.stochastic_steps(module.global_step)
+    def rollouts(self, policy: Policy, batch: dict, num_frames: int, generator: torch.Generator):
+        """All rollouts of a batch of conditions, chunk by chunk for a long clip (``sampling.run_chunks``): the
+        segments to train on and the decoded videos ``[N, T, ...]``."""
+        denoiser = policy.denoiser
+        stochastic = self.stochastic_steps(policy.global_step)
         n = batch["reference"].shape[0]
         height, width = batch["reference"].shape[-2:]
 
-        def prior(frames: int) -> torch.Tensor:
+        def one_pass(inputs: dict, frames: int, known: Optional[torch.Tensor]):
             shape = denoiser.latent_shape(frames, height, width)
             if self.same_noise_per_group:
-                x = process.prior((n // self.group_size, *shape), device=module.device, generator=generator)
-                return x.repeat_interleave(self.group_size, dim=0)
-            return process.prior((n, *shape), device=module.device, generator=generator)
+                x = policy.process.prior((n // self.group_size, *shape), device=policy.device, generator=generator)
+                x = x.repeat_interleave(self.group_size, dim=0)
+            else:
+                x = policy.process.prior((n, *shape), device=policy.device, generator=generator)
+            segment = self.rollout(policy, inputs, frames, x, generator, known, stochastic=stochastic)
+            return segment, denoiser.decode(segment.states[-1])
 
-        if self.chunk_frames is None or num_frames <= self.chunk_frames:
-            segment = self.rollout(module, batch, num_frames, prior(num_frames), generator, stochastic=stochastic)
-            return [segment], denoiser.decode(segment.states[-1])
-
-        size, overlap = self.chunk_frames, self.motion_frames
-        codec = denoiser.codec
-        segments, videos, start = [], [], 0
-        while True:
-            part = denoiser.chunk_inputs(batch, start, size)
-            known = codec.encode(videos[-1][:, -overlap:]) if videos else None
-            segment = self.rollout(module, part, size, prior(size), generator, known, stochastic=stochastic)
-            segments.append(segment)
-            videos.append(denoiser.decode(segment.states[-1]))
-            if start + size >= num_frames:
-                break
-            start += size - overlap
-        return segments, join_chunks(videos, overlap, num_frames)
+        return run_chunks(denoiser, batch, num_frames, self.chunk_frames, self.motion_frames, one_pass)
 
     # --- advantages -------------------------------------------------------------------------------------------------
     def advantages(self, total: torch.Tensor, terms: dict, group_ids: torch.Tensor) -> torch.Tensor:
@@ -413,147 +367,165 @@ class GRPO(Algorithm):
         )
 
     # --- the update -------------------------------------------------------------------------------------------------
-    def generator(self, module: AlignmentModule) -> torch.Generator:
+    def generator(self, policy: Policy) -> torch.Generator:
         """Rollout noise seeded by (seed, step, rank): reproducible, and never shared between ranks or steps."""
-        return step_generator(self.seed, module.global_step, module.global_rank)
+        return step_generator(self.seed, policy.global_step, policy.global_rank)
 
-    def training_step(self, module: AlignmentModule, batch: dict) -> dict[str, torch.Tensor]:
-        denoiser, process = module.denoiser, module.process
-        optimizer, scheduler = module.optimizers(), module.lr_schedulers()
-        g = self.group_size
-        num_conditions = batch["reference"].shape[0]
-        num_frames = frames_of(batch)
-        expanded = repeat_conditions(batch, g)
-        n = num_conditions * g
-        group_ids = torch.arange(num_conditions, device=module.device).repeat_interleave(g)
-        generator = self.generator(module)
-        window = self.stochastic_steps(module.global_step)  # as the rollouts see it (the step moves on below)
-
-        segments, videos = self.rollouts(module, expanded, num_frames, generator)
+    def training_step(self, policy: Policy, batch: dict) -> dict[str, torch.Tensor]:
+        """One batch: roll out, score, take advantages, update (``inner_epochs`` optimizer steps), log."""
+        rollouts = self.roll_out(policy, batch)
         with torch.no_grad():
-            total, terms = self.reward.total(videos, expanded)
-        advantages = self.advantages(total.to(module.device).float(), terms, group_ids)
-        valid = torch.isfinite(advantages)
-        num_valid = int(valid.sum())
+            total, terms = self.reward.total(rollouts.videos, rollouts.inputs)
+        advantages = self.advantages(total.to(policy.device).float(), terms, rollouts.group_ids)
+        units = self.trained_units(rollouts.segments, rollouts.generator)
+        empty = self.batch_is_empty(policy, advantages)
+        diagnostics = self.update(policy, rollouts.segments, units, advantages, empty)
+        self.last_rollouts = {  # what the last update saw, for inspection (and the DDP test)
+            "group_ids": rollouts.group_ids.cpu(),
+            "rewards": total.detach().cpu(),
+            "advantages": advantages.detach().cpu(),
+            "start_noise": rollouts.segments[0].states[0].flatten(1)[:, :8].cpu(),
+        }
+        return self.logged(rollouts, total, terms, advantages, len(units), diagnostics)
 
-        # The units to train: (segment, sampler step) with a density, a random train_fraction of them.
+    def roll_out(self, policy: Policy, batch: dict) -> Rollouts:
+        """``group_size`` rollouts of each of the batch's conditions, with the step-keyed noise."""
+        num_conditions = batch["reference"].shape[0]
+        inputs = repeat_conditions(batch, self.group_size)
+        generator = self.generator(policy)
+        window = self.stochastic_steps(policy.global_step)  # as the rollouts see it (the step moves on below)
+        segments, videos = self.rollouts(policy, inputs, frames_of(batch), generator)
+        group_ids = torch.arange(num_conditions, device=policy.device).repeat_interleave(self.group_size)
+        return Rollouts(inputs, group_ids, segments, videos, generator, window)
+
+    def trained_units(self, segments: list[Segment], generator: torch.Generator) -> list[tuple[int, int]]:
+        """The (segment, sampler step) pairs to train: those with a density, a random ``train_fraction`` of them."""
         units = [(s, j) for s, seg in enumerate(segments) for j in range(self.num_steps)
                  if bool(torch.isfinite(seg.log_probs[j]).all())]
         keep = max(1, math.ceil(self.train_fraction * len(units)))
         order = torch.randperm(len(units), generator=generator)[:keep].sort().values
-        units = [units[i] for i in order.tolist()]
-        schedule = process.timesteps(self.num_steps, device=module.device)
+        return [units[i] for i in order.tolist()]
 
-        # Whether the batch is empty is decided over all ranks: under DDP every rank must make the same backward
-        # calls (each one all-reduces the gradients), so a rank whose reward failed still runs every backward,
-        # with zero weight on its samples, while any other rank has something to learn from.
-        count = torch.tensor(float(num_valid), device=module.device)
-        if module._trainer is not None:
-            count = module.trainer.strategy.reduce(count, reduce_op="sum")
+    def batch_is_empty(self, policy: Policy, advantages: torch.Tensor) -> bool:
+        """Whether no rollout on any rank has a usable reward; stops after ``max_empty_batches`` such batches.
+
+        Decided over all ranks: under DDP every rank must make the same backward calls (each one all-reduces the
+        gradients), so a rank whose reward failed still runs every backward, with zero weight on its samples,
+        while any other rank has something to learn from."""
+        count = policy.sum_over_ranks(torch.tensor(float(torch.isfinite(advantages).sum()), device=policy.device))
         empty = int(count.item()) == 0
         self.empty_batches = self.empty_batches + 1 if empty else 0
         if empty and self.max_empty_batches is not None and self.empty_batches >= self.max_empty_batches:
             raise self.empty_batches_error()
+        return empty
 
-        encoder = denoiser.audio_encoder
-        encoder_trains = encoder is not None and any(p.requires_grad for p in encoder.parameters())
+    def update(self, policy: Policy, segments: list[Segment], units: list[tuple[int, int]],
+               advantages: torch.Tensor, empty: bool) -> dict:
+        """``inner_epochs`` optimizer steps over the stored trajectories, gradients accumulated over ``units``.
+        Returns the diagnostics: per-sample statistics, gradient norms per sampler step, update sizes."""
         stats = {"ratio": [], "clip_fraction": [], "approx_kl": [], "kl": [], "policy_loss": [], "ratio_drift": []}
-        trained = [p for p in module.parameters() if p.requires_grad] if self.grad_diagnostics else []
+        trained = policy.trainable_parameters() if self.grad_diagnostics else []
         step_grads: dict[int, list[float]] = {}
         update_sizes: list[float] = []
+        scale = max(int(torch.isfinite(advantages).sum()), 1) * len(units)
         for epoch in range(self.inner_epochs):
+            policy.zero_grad()
             if empty:
                 # Still the steps of a batch, or max_steps is never reached and the step-keyed rollout noise
                 # repeats. With every .grad None, the optimizer (AdamW) skips every parameter: the weights and its
                 # state stay exactly as they were. The LR scheduler steps as for any step.
-                optimizer.zero_grad(set_to_none=True)
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
+                policy.optimizer_step()
                 continue
-            optimizer.zero_grad()
             for s, j in units:
                 grads_before = [None if p.grad is None else p.grad.detach().clone() for p in trained]
-                segment = segments[s]
-                cond = segment.cond
-                if encoder_trains:  # the rollout's conditions were made without a graph
-                    cond = denoiser.condition(segment.inputs, segment.num_frames)
-                m = segment.free_from
-                for part in self.chunks(n):
-                    part_valid = valid[part]
-                    part_cond = self.slice_cond(cond, part, n)
-                    x, x_next = segment.states[j][part], segment.states[j + 1][part]
-                    mean, std = self.step_distribution(
-                        denoiser, process, x, schedule[j], schedule[j + 1], part_cond, denoiser.drop_conditions
-                    )
-                    region = None if segment.region is None else segment.region[part]
-                    log_prob = process.log_prob(x_next[:, :, m:], mean[:, :, m:], std, region)
-                    old_log_prob = segment.log_probs[j][part]
-                    if self.ratio_norm:  # the ratio becomes exp(guard_log_ratio)
-                        log_prob = old_log_prob + guard_log_ratio(
-                            log_prob, old_log_prob, mean[:, :, m:], segment.means[j][part][:, :, m:], std, region)
-                    adv = torch.nan_to_num(advantages[part])
-                    per_sample, ratio = ppo_clip_loss(log_prob, old_log_prob, adv, self.clip_range)
-                    if self.kl_beta > 0:
-                        with module.reference() as reference:
-                            ref_mean, _ = self.step_distribution(
-                                reference, process, x, schedule[j], schedule[j + 1], part_cond,
-                                denoiser.drop_conditions,
-                            )
-                        kl = gaussian_kl(mean[:, :, m:], ref_mean[:, :, m:], std, region)
-                        per_sample = per_sample + self.kl_beta * kl
-                    # A part without a valid sample still goes through backward (a zero loss): see above.
-                    per_sample = torch.where(part_valid, per_sample, torch.zeros_like(per_sample))
-                    loss = per_sample.sum() / (max(num_valid, 1) * len(units))
-                    module.manual_backward(loss)
-                    if not part_valid.any():
-                        continue
-                    if self.kl_beta > 0:
-                        stats["kl"].append(kl[part_valid].detach())
-                    ratio = ratio[part_valid].detach()
-                    stats["ratio"].append(ratio)
-                    stats["clip_fraction"].append(((ratio - 1).abs() > self.clip_range).float())
-                    stats["approx_kl"].append(0.5 * (log_prob - segment.log_probs[j][part])[part_valid].detach() ** 2)
-                    stats["policy_loss"].append(per_sample[part_valid].detach())
-                    if epoch == self.inner_epochs - 1:  # how far the last pass has moved from the rollout policy
-                        stats["ratio_drift"].append((ratio - 1).abs())
+                cond = self.update_conditions(policy, segments[s])
+                for part in micro_batches(advantages.shape[0], self.micro_batch):
+                    self.train_part(policy, segments[s], j, part, cond, advantages, scale, stats,
+                                    last_epoch=epoch == self.inner_epochs - 1)
                 if trained:
                     added = sum(((p.grad if b is None else p.grad - b).float().pow(2).sum() for p, b in
                                  zip(trained, grads_before) if p.grad is not None), torch.zeros(()))
                     step_grads.setdefault(j, []).append(float(added.sqrt()))
-            if self.max_grad_norm is not None:
-                module.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
             weights_before = [p.detach().clone() for p in trained]
-            optimizer.step()
+            policy.optimizer_step(self.max_grad_norm)
             if trained:
                 change = sum((p.detach() - b).float().pow(2).sum() for p, b in zip(trained, weights_before))
                 norm = sum(b.float().pow(2).sum() for b in weights_before)
                 update_sizes.append(float((change / norm.clamp_min(1e-30)).sqrt()))
-            if scheduler is not None:
-                scheduler.step()
+        return {"stats": stats, "step_grads": step_grads, "update_sizes": update_sizes}
 
-        self.last_rollouts = {  # what the last update saw, for inspection (and the DDP test)
-            "group_ids": group_ids.cpu(),
-            "rewards": total.detach().cpu(),
-            "advantages": advantages.detach().cpu(),
-            "start_noise": segments[0].states[0].flatten(1)[:, :8].cpu(),
-        }
-        logged = {"reward": total[torch.isfinite(total)].mean() if torch.isfinite(total).any() else total.new_tensor(0.0)}
+    @staticmethod
+    def update_conditions(policy: Policy, segment: Segment) -> dict:
+        """The segment's conditions, made again with a graph where the audio encoder trains (the rollout's were
+        made without one)."""
+        encoder = policy.denoiser.audio_encoder
+        if encoder is not None and any(p.requires_grad for p in encoder.parameters()):
+            return policy.denoiser.condition(segment.inputs, segment.num_frames)
+        return segment.cond
+
+    def train_part(self, policy: Policy, segment: Segment, j: int, part: slice, cond: dict,
+                   advantages: torch.Tensor, scale: int, stats: dict, last_epoch: bool) -> None:
+        """Backward of the PPO-clip loss (and the KL) of sampler step ``j`` for the rollouts ``part``."""
+        denoiser, process = policy.denoiser, policy.process
+        schedule = process.timesteps(self.num_steps, device=policy.device)
+        n, m = advantages.shape[0], segment.free_from
+        part_valid = torch.isfinite(advantages)[part]
+        part_cond = slice_conditions(cond, part, n)
+        x, x_next = segment.states[j][part], segment.states[j + 1][part]
+        mean, std = self.step_distribution(denoiser, process, x, schedule[j], schedule[j + 1], part_cond,
+                                           denoiser.drop_conditions)
+        region = None if segment.region is None else segment.region[part]
+        log_prob = process.log_prob(x_next[:, :, m:], mean[:, :, m:], std, region)
+        old_log_prob = segment.log_probs[j][part]
+        if self.ratio_norm:  # the ratio becomes exp(guard_log_ratio)
+            log_prob = old_log_prob + guard_log_ratio(
+                log_prob, old_log_prob, mean[:, :, m:], segment.means[j][part][:, :, m:], std, region)
+        per_sample, ratio = ppo_clip_loss(log_prob, old_log_prob, torch.nan_to_num(advantages[part]),
+                                          self.clip_range)
+        if self.kl_beta > 0:
+            with policy.reference() as reference:
+                ref_mean, _ = self.step_distribution(reference, process, x, schedule[j], schedule[j + 1], part_cond,
+                                                     denoiser.drop_conditions)
+            kl = gaussian_kl(mean[:, :, m:], ref_mean[:, :, m:], std, region)
+            per_sample = per_sample + self.kl_beta * kl
+        # A part without a valid sample still goes through backward (a zero loss): see batch_is_empty.
+        per_sample = torch.where(part_valid, per_sample, torch.zeros_like(per_sample))
+        policy.backward(per_sample.sum() / scale)
+        if not part_valid.any():
+            return
+        if self.kl_beta > 0:
+            stats["kl"].append(kl[part_valid].detach())
+        ratio = ratio[part_valid].detach()
+        stats["ratio"].append(ratio)
+        stats["clip_fraction"].append(((ratio - 1).abs() > self.clip_range).float())
+        stats["approx_kl"].append(0.5 * (log_prob - old_log_prob)[part_valid].detach() ** 2)
+        stats["policy_loss"].append(per_sample[part_valid].detach())
+        if last_epoch:  # how far the last pass has moved from the rollout policy
+            stats["ratio_drift"].append((ratio - 1).abs())
+
+    def logged(self, rollouts: Rollouts, total: torch.Tensor, terms: dict, advantages: torch.Tensor,
+               trained_steps: int, diagnostics: dict) -> dict[str, torch.Tensor]:
+        """The step's metrics: rewards per term and their in-group spread, advantages, the update's statistics."""
+        group_ids = rollouts.group_ids.cpu()
+        finite = torch.isfinite(total)
+        logged = {"reward": total[finite].mean() if finite.any() else total.new_tensor(0.0)}
         for name, value in terms.items():
             if torch.is_tensor(value):
-                finite = value[torch.isfinite(value)]
-                logged[f"reward/{name}"] = finite.float().mean() if finite.numel() else value.new_tensor(float("nan"))
-                logged[f"reward/{name}_group_std"] = group_spread(value.float().cpu(), group_ids.cpu())[0]
+                kept = value[torch.isfinite(value)]
+                logged[f"reward/{name}"] = kept.float().mean() if kept.numel() else value.new_tensor(float("nan"))
+                logged[f"reward/{name}_group_std"] = group_spread(value.float().cpu(), group_ids)[0]
         # The advantage signal: how much the rollouts of a group differ, and how many groups have nothing to learn.
-        logged["reward_group_std"], logged["zero_spread_groups"] = group_spread(total.float().cpu(), group_ids.cpu())
-        for j, norms in sorted(step_grads.items()):
+        logged["reward_group_std"], logged["zero_spread_groups"] = group_spread(total.float().cpu(), group_ids)
+        for j, norms in sorted(diagnostics["step_grads"].items()):
             logged[f"grad_norm/step_{j}"] = torch.tensor(sum(norms) / len(norms))
-        if update_sizes:
-            logged["update_size"] = torch.tensor(sum(update_sizes) / len(update_sizes))
-        logged["sde_window_start"] = torch.tensor(float(window.start))
+        if diagnostics["update_sizes"]:
+            logged["update_size"] = torch.tensor(sum(diagnostics["update_sizes"]) / len(diagnostics["update_sizes"]))
+        logged["sde_window_start"] = torch.tensor(float(rollouts.window.start))
         if self.explore == "mouth":  # a mouth box outside the frame leaves a rollout nothing to explore, or learn
-            empty_region = torch.stack([seg.region.flatten(1).sum(1) == 0 for seg in segments]).any(dim=0)
+            empty_region = torch.stack([seg.region.flatten(1).sum(1) == 0 for seg in rollouts.segments]).any(dim=0)
             logged["unexplored_rollouts"] = empty_region.float().sum()
+        valid = torch.isfinite(advantages)
+        n, num_valid = advantages.shape[0], int(valid.sum())
         finite_adv = advantages[valid]
         logged.update(
             advantage_mean=finite_adv.mean() if num_valid else advantages.new_tensor(0.0),
@@ -562,9 +534,9 @@ class GRPO(Algorithm):
             dropped_samples=advantages.new_tensor(float(n - num_valid)),
             dropped_fraction=advantages.new_tensor((n - num_valid) / n),
             empty_batches=advantages.new_tensor(float(self.empty_batches)),
-            trained_steps=advantages.new_tensor(float(len(units))),
+            trained_steps=advantages.new_tensor(float(trained_steps)),
         )
-        for name, values in stats.items():
+        for name, values in diagnostics["stats"].items():
             if values:
                 logged[name] = torch.cat(values).float().mean()
         return logged

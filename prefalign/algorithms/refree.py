@@ -9,17 +9,14 @@ positive, which keeps the model on the data while the preference term pushes it 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 
-from prefalign import sharding
-from prefalign.algorithms.base import Algorithm, per_sample_mse
+from prefalign.algorithms.base import Algorithm, mouth_weights, paired_errors, per_sample_mse, with_pose
 from prefalign.algorithms.dpo import LossType, dpo_loss
-from prefalign.algorithms.sft import mouth_weights
-
-if TYPE_CHECKING:
-    from prefalign.module import AlignmentModule
+from prefalign.policy import Policy
+from prefalign.sampling import sample_clip_latents
 
 NegativeKind = Literal["self_play", "jitter", "freeze", "time_warp", "audio_offset"]
 PERTURBATIONS = ("jitter", "freeze", "time_warp", "audio_offset")
@@ -154,72 +151,67 @@ class ReFree(Algorithm):
         self.self_play_steps = self_play_steps
         self.mouth_weight = mouth_weight
         self.generator = torch.Generator().manual_seed(seed)
-        self.cache: dict = {}  # (clip id, conditions fingerprint) -> self-play latents [C, F, h, w]
+        self.self_play_latents: dict = {}  # (clip id, conditions fingerprint) -> self-play latents [C, F, h, w]
         self.refreshes = 0
         self.self_play_sampled = 0
 
     @property
     def required_fields(self) -> tuple[str, ...]:
-        return ("video", "audio", "reference") + (("pose",) if self.mouth_weight else ())
+        return with_pose(("video", "audio", "reference"), bool(self.mouth_weight))
 
-    # --- the lagged snapshot and its cache --------------------------------------------------------------------------
-    def setup(self, module: AlignmentModule) -> None:
-        module.refresh_reference()  # the lagged reference starts as the starting policy
-        self.cache.clear()
+    # --- the lagged snapshot and its self-play latents ------------------------------------------------------------
+    def setup(self, policy: Policy) -> None:
+        policy.refresh_reference()  # the lagged reference starts as the starting policy
+        self.self_play_latents.clear()
 
-    def on_step_end(self, module: AlignmentModule, step: int) -> None:
+    def on_step_end(self, policy: Policy, step: int) -> None:
         if step % self.refresh_every == 0:
-            module.refresh_reference()
-            self.cache.clear()
+            policy.refresh_reference()
+            self.self_play_latents.clear()
             self.refreshes += 1
 
     def state_dict(self) -> dict:
         return {
             "generator": self.generator.get_state(),
-            "cache": [[*key, value.cpu()] for key, value in self.cache.items()],  # gathered from every rank: on CPU
+            # Gathered from every rank: on CPU.
+            "self_play_latents": [[*key, value.cpu()] for key, value in self.self_play_latents.items()],
             "refreshes": self.refreshes,
             "self_play_sampled": self.self_play_sampled,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
-        self.cache = {tuple(entry[:-1]): entry[-1] for entry in state["cache"]}  # moved to the device when used
+        # Moved to the device when used.
+        self.self_play_latents = {tuple(entry[:-1]): entry[-1] for entry in state["self_play_latents"]}
         self.refreshes = state["refreshes"]
         self.self_play_sampled = state["self_play_sampled"]
 
     @staticmethod
-    def cache_key(batch: dict, i: int) -> tuple:
+    def self_play_key(batch: dict, i: int) -> tuple:
         """A clip's identity and the conditions it was cut with (a random crop has other audio)."""
         audio = batch["audio"][i]
         return batch["id"][i], int(batch["video"].shape[1]), round(float(audio.abs().sum()), 3)
 
     @torch.no_grad()
-    def self_play(self, module: AlignmentModule, batch: dict, rows: list[int]) -> dict[int, torch.Tensor]:
-        """Latents of the lagged snapshot's samples for the clips ``rows`` (from the cache where it has them)."""
-        missing = [i for i in rows if self.cache_key(batch, i) not in self.cache]
+    def self_play(self, policy: Policy, batch: dict, rows: list[int]) -> dict[int, torch.Tensor]:
+        """Latents of the lagged snapshot's samples for the clips ``rows`` (kept ones where there are)."""
+        missing = [i for i in rows if self.self_play_key(batch, i) not in self.self_play_latents]
         discard = False
-        if sharding.forwards_are_collective(module) and sharding.any_rank(module, bool(missing)) and not missing:
+        if policy.forwards_are_collective() and policy.any_rank(bool(missing)) and not missing:
             # Another rank samples, and under FSDP each of its forwards needs this rank: sample a clip alongside.
             missing, discard = [0], True
         if missing:
             part = {k: v[missing] for k, v in batch.items() if torch.is_tensor(v) and v.ndim and k != "rejected"}
-            num_frames = batch["video"].shape[1]
-            denoiser, process = module.denoiser, module.process
-            cond = denoiser.condition(part, num_frames)
-            shape = (len(missing), *denoiser.latent_shape(num_frames, *part["reference"].shape[-2:]))
-            x = process.prior(shape, device=module.device, generator=self.generator).to(part["video"].dtype)
-            schedule = process.timesteps(self.self_play_steps, device=module.device)
-            with module.reference() as lagged:
-                for t, t_next in zip(schedule[:-1], schedule[1:]):
-                    pred = lagged(x, process.model_time(t.expand(len(missing))), cond)
-                    x = process.step(pred, x, t, t_next).sample.to(x.dtype)
+            with policy.reference() as lagged:
+                x = sample_clip_latents(lagged, policy.denoiser, policy.process, part, batch["video"].shape[1],
+                                        self.generator, self.self_play_steps)
             if not discard:
                 for j, i in enumerate(missing):
-                    self.cache[self.cache_key(batch, i)] = x[j]
+                    self.self_play_latents[self.self_play_key(batch, i)] = x[j]
                 self.self_play_sampled += len(missing)
-        return {i: self.cache[self.cache_key(batch, i)] for i in rows}
+        return {i: self.self_play_latents[self.self_play_key(batch, i)] for i in rows}
 
-    def negatives(self, module: AlignmentModule, batch: dict) -> tuple[torch.Tensor, list[str]]:
+    def negatives(self, policy: Policy, batch: dict) -> tuple[torch.Tensor, list[str]]:
         """One negative per clip, its source drawn from the mix: latents ``[B, C, F, h, w]`` and the sources."""
         video = batch["video"]
         draws = torch.multinomial(self.weights, video.shape[0], replacement=True, generator=self.generator)
@@ -228,19 +220,19 @@ class ReFree(Algorithm):
         for i, kind in enumerate(kinds):
             if kind != "self_play":
                 perturbed[i : i + 1] = perturb(video[i : i + 1].cpu(), kind, self.generator).to(video.device)
-        latents = module.denoiser.encode_video(perturbed)
-        played = self.self_play(module, batch, [i for i, k in enumerate(kinds) if k == "self_play"])
+        latents = policy.denoiser.encode_video(perturbed)
+        played = self.self_play(policy, batch, [i for i, k in enumerate(kinds) if k == "self_play"])
         for i, value in played.items():
             latents[i] = value.to(latents.device, latents.dtype)
         return latents, kinds
 
     # --- the loss -------------------------------------------------------------------------------------------------
-    def loss(self, module: AlignmentModule, batch: dict):
-        denoiser, process = module.denoiser, module.process
+    def loss(self, policy: Policy, batch: dict):
+        denoiser, process = policy.denoiser, policy.process
         positive = denoiser.encode_video(batch["video"])
         size = positive.shape[0]
         cond = denoiser.condition(batch)
-        weights = mouth_weights(module, batch, self.mouth_weight)
+        weights = mouth_weights(denoiser, batch, self.mouth_weight)
         if self.beta == 0:  # the preference term is off: plain (weighted) flow matching, no negatives needed
             eps = torch.randn_like(positive)
             t = process.sample_t(size, device=positive.device)
@@ -248,16 +240,8 @@ class ReFree(Algorithm):
             fm = per_sample_mse(pred, process.target(positive, eps, t), weights).mean()
             return self.fm_weight * fm, {"loss": (self.fm_weight * fm).detach(), "fm_loss": fm.detach()}
 
-        negative, kinds = self.negatives(module, batch)
-        pair_cond = {k: torch.cat([v, v]) if torch.is_tensor(v) else v for k, v in cond.items()}
-        pair_weights = None if weights is None else torch.cat([weights, weights])
-        eps = torch.randn_like(positive).repeat(2, 1, 1, 1, 1)  # shared noise and timestep
-        t = process.sample_t(size, device=positive.device).repeat(2)
-        x0 = torch.cat([positive, negative])
-        x_t, model_t, target = process.noise(x0, eps, t), process.model_time(t), process.target(x0, eps, t)
-        e_pos, e_neg = per_sample_mse(denoiser(x_t, model_t, pair_cond), target, pair_weights).chunk(2)
-        with module.reference() as reference:
-            r_pos, r_neg = per_sample_mse(reference(x_t, model_t, pair_cond), target, pair_weights).chunk(2)
+        negative, kinds = self.negatives(policy, batch)
+        e_pos, e_neg, r_pos, r_neg = paired_errors(policy, positive, negative, cond, weights)
         per_clip, margin = dpo_loss(e_pos, e_neg, r_pos, r_neg, self.beta, self.loss_type)
         at_zero, _ = dpo_loss(*(torch.zeros(1, device=e_pos.device),) * 4, self.beta, self.loss_type)
         preference = per_clip.mean() - at_zero.squeeze()

@@ -6,8 +6,7 @@ from typing import Optional
 
 import torch
 
-from prefalign import metrics
-from prefalign.algorithms.base import Algorithm, per_sample_mse
+from prefalign.algorithms.base import Algorithm, mouth_weights, per_sample_mse, with_pose
 
 
 class SFT(Algorithm):
@@ -38,14 +37,10 @@ class SFT(Algorithm):
 
     @property
     def required_fields(self) -> tuple[str, ...]:
-        return ("video", "audio", "reference") + (("pose",) if self.mouth_weight else ())
+        return with_pose(("video", "audio", "reference"), bool(self.mouth_weight))
 
-    def loss_weights(self, module, batch: dict) -> torch.Tensor | None:
-        """Per-latent loss weights ``[B, 1, F, h, w]`` from the mouth box, or None."""
-        return mouth_weights(module, batch, self.mouth_weight)
-
-    def loss(self, module, batch):
-        denoiser, process = module.denoiser, module.process
+    def loss(self, policy, batch):
+        denoiser, process = policy.denoiser, policy.process
         x0 = denoiser.latents(batch)
         cond = denoiser.condition(batch)
         if self.cond_dropout > 0:
@@ -54,21 +49,7 @@ class SFT(Algorithm):
         eps = torch.randn_like(x0)
         t = process.sample_t(x0.shape[0], device=x0.device)
         pred = denoiser(process.noise(x0, eps, t), process.model_time(t), cond)
-        weights = self.loss_weights(module, batch)
+        weights = mouth_weights(denoiser, batch, self.mouth_weight)
         loss = per_sample_mse(pred, process.target(x0, eps, t), weights).mean()
         return loss, {"loss": loss.detach()}
 
-
-def mouth_weights(module, batch: dict, mouth_weight: float) -> torch.Tensor | None:
-    """Per-latent loss weights ``[B, 1, F, h, w]``: ``1 + mouth_weight`` on the latents of the box
-    mouth ± (0.6·d, 0.8·d) located from the ``pose`` keypoints (d the eye distance), 1 elsewhere; None for 0."""
-    if not mouth_weight:
-        return None
-    return 1 + mouth_weight * mouth_mask(module, batch)
-
-
-def mouth_mask(module, batch: dict) -> torch.Tensor:
-    """``[B, 1, F, h, w]``: 1 on the latents that encode a pixel of the box mouth ± (0.6·d, 0.8·d) located from the
-    ``pose`` keypoints (d the eye distance), 0 elsewhere."""
-    height, width = batch["reference"].shape[-2:]
-    return module.denoiser.codec.pool_mask(metrics.training_mouth_box(batch["pose"], height, width))

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from prefalign.data import media
-from prefalign.data.errors import DataError
+from prefalign.data.errors import DataError, require_fields
 from prefalign.data.schema import MEDIA_COLUMNS, Manifest, load_manifest
 from prefalign.data.skips import Skipped, load_or_stand_in
 from prefalign.secrets import get_logger
@@ -125,7 +125,7 @@ class ClipDataset(Dataset):
         random_crop: bool,
         on_bad_sample: str,
         resample_audio: bool,
-        cache: bool = False,
+        keep_decoded: bool = False,
         seed: int = 0,
         fields: Optional[set[str]] = None,
         max_frames: int = media.MAX_FRAMES,
@@ -145,7 +145,7 @@ class ClipDataset(Dataset):
         self.resample_audio = resample_audio
         self.seed = seed
         # Decoded clips by row, when small enough to keep (each worker process keeps its own).
-        self.cache: Optional[dict[int, dict]] = {} if cache else None
+        self.decoded: Optional[dict[int, dict]] = {} if keep_decoded else None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -165,11 +165,11 @@ class ClipDataset(Dataset):
     def load(self, row: dict, row_index: int, epoch: Optional[int] = None) -> dict:
         if row.get("video") is None:
             return self._load_conditions(row, row_index, self.sample_rate / self.fps)
-        clip = self.cache.get(row_index) if self.cache is not None else None
+        clip = self.decoded.get(row_index) if self.decoded is not None else None
         if clip is None:
             clip = self.decode(row, row_index)
-            if self.cache is not None:
-                self.cache[row_index] = clip
+            if self.decoded is not None:
+                self.decoded[row_index] = clip
         return self.crop(clip, None if epoch is None else np.random.default_rng([self.seed, epoch, row_index]))
 
     def decode(self, row: dict, row_index: int) -> dict:
@@ -478,7 +478,7 @@ class PortraitDataModule(L.LightningDataModule):
             end of each epoch).
         seed (int): seed of the train/val split, the training order and the random crops (each a function of
             the seed, the epoch and the clip, so that a resumed run sees exactly the data the first one would).
-        cache_decoded (bool): keep decoded clips in memory after their first use (small datasets such as the
+        keep_decoded (bool): keep decoded clips in memory after their first use (small datasets such as the
             demo's; at scale, decode in worker processes instead).
         latent_cache (str | None): a folder written by ``prefalign preprocess``: training then reads its codec
             latents, audio and features and never decodes video (validation still decodes ``val``). It must have
@@ -510,7 +510,7 @@ class PortraitDataModule(L.LightningDataModule):
         num_frames: Optional[int] = None,
         on_bad_sample: Literal["raise", "skip"] = "raise",
         seed: int = 0,
-        cache_decoded: bool = False,
+        keep_decoded: bool = False,
         latent_cache: Optional[str] = None,
         max_frames: int = media.MAX_FRAMES,
         max_frame_pixels: int = media.MAX_FRAME_PIXELS,
@@ -544,7 +544,7 @@ class PortraitDataModule(L.LightningDataModule):
         self.num_frames = num_frames
         self.on_bad_sample = on_bad_sample
         self.seed = seed
-        self.cache_decoded = cache_decoded
+        self.keep_decoded = keep_decoded
         self.latent_cache = latent_cache
         self.max_frames = max_frames
         self.max_frame_pixels = max_frame_pixels
@@ -583,7 +583,7 @@ class PortraitDataModule(L.LightningDataModule):
         self._splits[name] = (manifest, indices)
         return self._splits[name]
 
-    def cache(self, name: str):
+    def latent_cache_of(self, name: str):
         """The latent cache that feeds split ``name`` (``train`` when ``latent_cache`` is set), else None."""
         if name != "train" or self.latent_cache is None:
             return None
@@ -594,18 +594,29 @@ class PortraitDataModule(L.LightningDataModule):
         return self._latent_cache
 
     def source(self, name: str) -> str:
-        cache = self.cache(name)
+        cache = self.latent_cache_of(name)
         return str(cache.path) if cache is not None else self.split(name)[0].source
 
     def available_fields(self, name: str) -> set[str]:
         """The fields split ``name`` gives: those of every row, and under ``on_bad_sample: skip`` also a pose that
         only some rows give (the rows without are then skipped and counted: see :class:`ClipDataset`)."""
-        cache = self.cache(name)
+        cache = self.latent_cache_of(name)
         if cache is not None:
             return set(cache.fields)
         manifest = self.split(name)[0]
         partial = manifest.fields(partial=True) & {"pose"} if self.on_bad_sample == "skip" else set()
         return manifest.fields() | partial
+
+    def check_can_feed(self, denoiser, algorithm) -> None:
+        """Fail at setup, not mid-epoch, when the training split cannot feed the run: a latent cache made for
+        another denoiser or clip length, a field the algorithm (``algorithm.check_fields``) or the denoiser's
+        conditioning (``denoiser.required_fields``) needs and the data lacks."""
+        cache = self.latent_cache_of("train")
+        if cache is not None:
+            cache.check(denoiser, self.fps, self.sample_rate, self.num_frames, source=self.sources["train"])
+        available, source = self.available_fields("train"), self.source("train")
+        algorithm.check_fields(available, source)
+        require_fields(denoiser.required_fields, available, source, "the denoiser's conditioning")
 
     def use_fields(self, fields) -> None:
         """Load only the optional columns (``pose``) among ``fields``, the batch fields the run reads. The
@@ -614,7 +625,7 @@ class PortraitDataModule(L.LightningDataModule):
 
     def dataset(self, name: str, cached: bool = True) -> Dataset:
         """The split's dataset: the latent cache's windows where one feeds it (and ``cached``), else decoded clips."""
-        cache = self.cache(name) if cached else None
+        cache = self.latent_cache_of(name) if cached else None
         if cache is not None:
             from prefalign.data.cache import CachedClipDataset
 
@@ -629,7 +640,7 @@ class PortraitDataModule(L.LightningDataModule):
             random_crop=name == "train",
             on_bad_sample=self.on_bad_sample,
             resample_audio=self.resample_audio,
-            cache=self.cache_decoded,
+            keep_decoded=self.keep_decoded,
             seed=self.seed,
             # Training reads only the run's fields; evaluation splits also give the pose their metrics read
             # (sync_pose_box, head_offset) wherever every row has it.
@@ -643,7 +654,7 @@ class PortraitDataModule(L.LightningDataModule):
         otherwise end at once, trained on nothing, as a success)."""
         sampler = EpochSampler(dataset, batch_size, seed=self.seed)
         if len(sampler) < batch_size:
-            held_out = self.cache(name) is None and self.sources["val"] is None and self.val_fraction > 0
+            held_out = self.latent_cache_of(name) is None and self.sources["val"] is None and self.val_fraction > 0
             raise DataError(
                 f"data.{name} has {len(dataset)} usable rows"
                 + (f" (once data.val_fraction {self.val_fraction} is held out for validation)" if held_out else "")

@@ -24,3 +24,16 @@ class DataError(ValueError):
         if field is not None:
             where.append(f"field '{field}'")
         super().__init__(f"{': '.join(where)}: {message}" if where else message)
+
+
+def require_fields(needed, available: set[str], source: str, who: str) -> None:
+    """Fail at setup, not mid-epoch, when the data lacks a field ``who`` (e.g. "the DPO algorithm", "the
+    denoiser") reads: a DataError naming the first missing field and what the data has."""
+    for field in needed:
+        if field not in available:
+            raise DataError(
+                f"{who} needs the field '{field}', which this dataset does not provide in every row "
+                f"(it has: {', '.join(sorted(available)) or 'nothing'})",
+                path=source,
+                field=field,
+            )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -105,31 +105,6 @@ class Process(ABC):
         if lp.ndim <= 1:
             return lp
         return masked_mean(lp, mask)
-
-    @torch.no_grad()
-    def sample(self, model_fn: Callable[[Tensor, Tensor], Tensor], x_T: Union[Tensor, Sequence[int]],
-               num_steps: int, stochastic: bool = False, generator: Optional[torch.Generator] = None,
-               device: Optional[torch.device] = None) -> Tensor:
-        """Run the whole sampling loop: a helper for tests and previews.
-
-        Args:
-            model_fn (Callable): ``model_fn(x_t, model_time) -> pred``, ``model_time`` of shape ``[B]``.
-            x_T (Tensor | Sequence[int]): the starting noise, or a shape to draw it from the prior.
-            num_steps (int): number of steps of the schedule.
-            stochastic (bool): take stochastic steps.
-            generator (torch.Generator, optional): for the prior and the step noise.
-            device (torch.device, optional): where to draw the prior when ``x_T`` is a shape.
-
-        Returns:
-            Tensor: the final sample.
-        """
-        x = x_T if isinstance(x_T, Tensor) else self.prior(x_T, device=device, generator=generator)
-        ts = self.timesteps(num_steps, device=x.device)
-        batch = x.shape[0]
-        for t, t_next in zip(ts[:-1], ts[1:]):
-            pred = model_fn(x, self.model_time(t.expand(batch)))
-            x = self.step(pred, x, t, t_next, stochastic=stochastic, generator=generator).sample
-        return x
 
 
 def randn(shape: Sequence[int], generator: Optional[torch.Generator] = None, device: Optional[torch.device] = None,
