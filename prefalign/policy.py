@@ -34,12 +34,20 @@ class Policy:
 
     def __init__(self, denoiser: PortraitDenoiser, process: Process,
                  optimizer: Optional[torch.optim.Optimizer] = None, global_step: int = 0, global_rank: int = 0):
-        self.denoiser = denoiser
-        self.process = process
+        self._denoiser = denoiser
+        self._process = process
         self.optimizer = optimizer
         self.frozen_copy: Optional[nn.Module] = None
         self._step = global_step
         self._rank = global_rank
+
+    @property
+    def denoiser(self) -> PortraitDenoiser:
+        return self._denoiser
+
+    @property
+    def process(self) -> Process:
+        return self._process
 
     @property
     def device(self) -> torch.device:
@@ -120,6 +128,14 @@ class ModulePolicy(Policy):
     def __init__(self, module):
         super().__init__(module.denoiser, module.process)
         self._module = module
+
+    @property
+    def denoiser(self) -> PortraitDenoiser:
+        return self._module.denoiser  # as the strategy has wrapped it, where it has
+
+    @property
+    def process(self) -> Process:
+        return self._module.process
 
     @property
     def device(self) -> torch.device:

@@ -27,7 +27,7 @@ class Algorithm:
     required_fields: tuple[str, ...] = ("video", "audio", "reference")
     needs_reference: bool = False
     #: An algorithm that takes several optimizer steps per batch (GRPO's inner epochs over its rollouts) sets this
-    #: and implements :meth:`training_step`; the module then hands it the optimizer (Lightning's manual optimization).
+    #: and implements :meth:`training_step`, stepping through ``policy.backward`` and ``policy.optimizer_step``.
     manual_optimization: bool = False
     #: Whether the method needs the clips' pixels (ReFree perturbs frames) rather than their latents: cached
     #: latents (``data.latent_cache``) then cannot feed it.
@@ -66,7 +66,7 @@ class Algorithm:
         return fields
 
     def setup(self, policy: Policy) -> None:
-        """Called once the module is on its device, before training (create buffers, snapshots)."""
+        """Called once the policy is on its device, before training (create buffers, snapshots)."""
 
     def on_step_end(self, policy: Policy, step: int) -> None:
         """Called after every optimizer step, ``step`` being the number of steps done (1 after the first): refresh a
