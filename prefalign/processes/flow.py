@@ -8,15 +8,7 @@ from typing import Literal, Optional, Union
 import torch
 from torch import Tensor
 
-from prefalign.processes.base import (
-    Process,
-    StepOutput,
-    as_time,
-    batch_std,
-    compute_dtype,
-    expand,
-    randn,
-)
+from prefalign.processes.base import Process, StepOutput, as_time, batch_std, compute_dtype, expand, randn
 
 __all__ = ["FlowMatching", "shift_sigma"]
 
