@@ -161,7 +161,7 @@ class ModulePolicy(Policy):
         return self._module.trainer.strategy.reduce(value, reduce_op="sum")
 
     def any_rank(self, flag: bool) -> bool:
-        return bool(self.sum_over_ranks(torch.tensor(float(flag), device=self.device)) > 0)
+        return flag if self._module._trainer is None else sharding.any_rank(self._module, flag)
 
     def forwards_are_collective(self) -> bool:
         return sharding.forwards_are_collective(self._module)

@@ -428,6 +428,7 @@ class GRPO(Algorithm):
         step_grads: dict[int, list[float]] = {}
         update_sizes: list[float] = []
         scale = max(int(torch.isfinite(advantages).sum()), 1) * len(units)
+        schedule = policy.process.timesteps(self.num_steps, device=policy.device)
         for epoch in range(self.inner_epochs):
             policy.zero_grad()
             if empty:
@@ -440,8 +441,8 @@ class GRPO(Algorithm):
                 grads_before = [None if p.grad is None else p.grad.detach().clone() for p in trained]
                 cond = self.update_conditions(policy, segments[s])
                 for part in micro_batches(advantages.shape[0], self.micro_batch):
-                    self.train_part(policy, segments[s], j, part, cond, advantages, scale, stats,
-                                    last_epoch=epoch == self.inner_epochs - 1)
+                    self.train_part(policy, segments[s], (schedule[j], schedule[j + 1]), j, part, cond,
+                                    advantages, scale, stats, last_epoch=epoch == self.inner_epochs - 1)
                 if trained:
                     added = sum(((p.grad if b is None else p.grad - b).float().pow(2).sum() for p, b in
                                  zip(trained, grads_before) if p.grad is not None), torch.zeros(()))
@@ -463,17 +464,17 @@ class GRPO(Algorithm):
             return policy.denoiser.condition(segment.inputs, segment.num_frames)
         return segment.cond
 
-    def train_part(self, policy: Policy, segment: Segment, j: int, part: slice, cond: dict,
+    def train_part(self, policy: Policy, segment: Segment, times: tuple, j: int, part: slice, cond: dict,
                    advantages: torch.Tensor, scale: int, stats: dict, last_epoch: bool) -> None:
-        """Backward of the PPO-clip loss (and the KL) of sampler step ``j`` for the rollouts ``part``."""
+        """Backward of the PPO-clip loss (and the KL) of sampler step ``j``, from ``times = (t_j, t_j+1)``, for the
+        rollouts ``part``."""
         denoiser, process = policy.denoiser, policy.process
-        schedule = process.timesteps(self.num_steps, device=policy.device)
+        t, t_next = times
         n, m = advantages.shape[0], segment.free_from
         part_valid = torch.isfinite(advantages)[part]
         part_cond = slice_conditions(cond, part, n)
         x, x_next = segment.states[j][part], segment.states[j + 1][part]
-        mean, std = self.step_distribution(denoiser, process, x, schedule[j], schedule[j + 1], part_cond,
-                                           denoiser.drop_conditions)
+        mean, std = self.step_distribution(denoiser, process, x, t, t_next, part_cond, denoiser.drop_conditions)
         region = None if segment.region is None else segment.region[part]
         log_prob = process.log_prob(x_next[:, :, m:], mean[:, :, m:], std, region)
         old_log_prob = segment.log_probs[j][part]
@@ -484,7 +485,7 @@ class GRPO(Algorithm):
                                           self.clip_range)
         if self.kl_beta > 0:
             with policy.reference() as reference:
-                ref_mean, _ = self.step_distribution(reference, process, x, schedule[j], schedule[j + 1], part_cond,
+                ref_mean, _ = self.step_distribution(reference, process, x, t, t_next, part_cond,
                                                      denoiser.drop_conditions)
             kl = gaussian_kl(mean[:, :, m:], ref_mean[:, :, m:], std, region)
             per_sample = per_sample + self.kl_beta * kl
