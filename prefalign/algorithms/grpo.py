@@ -180,7 +180,9 @@ class GRPO(Algorithm):
             ``aggregate: advantage`` and ``ratio_norm``: where each term's advantage is credited, by term name.
             ``"mouth"``: the box's latents only; ``"outside"``: the latents outside it only (needs
             ``outside_noise``); a term not named: every explored latent. The update then sums one PPO term per
-            region, each with the log-ratio over that region and the weighted advantages of its terms. Crediting
+            region, each with the log-ratio over that region (summed over its latents and divided by the number of
+            explored ones, so that a latent weighs the same whichever region credits it) and the weighted
+            advantages of its terms. Crediting
             the lip-sync term to the mouth and the guards to the rest of the frame keeps the sync advantage from
             pushing the face (the dark-pixel hack lives outside the mouth) and the guards from pulling against the
             mouth's motion, which the ground truth has more of than the base model.
@@ -562,6 +564,7 @@ class GRPO(Algorithm):
         mean, std = self.step_distribution(denoiser, process, x, t, t_next, part_cond, denoiser.drop_conditions)
         scales = None if segment.region is None else segment.region[part]
         per_sample, ratios, log_ratios = 0, [], []
+        explored = credit_mask(scales, "explored")
         for where, advantages in credits.items():
             region = credit_mask(scales, where)
             log_prob = process.log_prob(x_next[:, :, m:], mean[:, :, m:], std, region)
@@ -571,6 +574,9 @@ class GRPO(Algorithm):
             if self.ratio_norm:  # the ratio becomes exp(guard_log_ratio)
                 log_prob = old_log_prob + guard_log_ratio(
                     log_prob, old_log_prob, mean[:, :, m:], segment.means[j][part][:, :, m:], std, region)
+            if where != "explored":  # each latent weighs as in the average over every explored latent
+                share = region.flatten(1).sum(1) / explored.flatten(1).sum(1).clamp_min(1)
+                log_prob = old_log_prob + (log_prob - old_log_prob) * share
             loss, ratio = ppo_clip_loss(log_prob, old_log_prob, torch.nan_to_num(advantages[part]), self.clip_range)
             per_sample = per_sample + loss
             ratios.append(ratio)
@@ -579,7 +585,7 @@ class GRPO(Algorithm):
             with policy.reference() as reference:
                 ref_mean, _ = self.step_distribution(reference, process, x, t, t_next, part_cond,
                                                      denoiser.drop_conditions)
-            kl = gaussian_kl(mean[:, :, m:], ref_mean[:, :, m:], std, credit_mask(scales, "explored"))
+            kl = gaussian_kl(mean[:, :, m:], ref_mean[:, :, m:], std, explored)
             per_sample = per_sample + self.kl_beta * kl
         # A part without a valid sample still goes through backward (a zero loss): see batch_is_empty.
         per_sample = torch.where(part_valid, per_sample, torch.zeros_like(per_sample))
