@@ -130,9 +130,8 @@ def sample_latents(model: Model, process: Process, cond: dict, x: torch.Tensor, 
             deterministically and draws no noise.
         known (Tensor | None): latents that fix the first latent frames (a chunk's given frames): at every step
             they are set to ``known`` noised to the step's level, and exactly at the end.
-        region (Tensor | None): ``[N, 1, F, h, w]``: the scale of the stochastic steps' noise per latent (GRPO's
-            mouth exploration: 1 on the box, 0 or ``outside_noise`` elsewhere); the log-probs are taken at the
-            step's std and average over the latents with noise.
+        region (Tensor | None): ``[N, 1, F, h, w]`` 0/1: the stochastic steps draw noise only there (GRPO's mouth
+            exploration), and the log-probs average over it.
         micro_batch (int | None): samples per forward (None: all at once).
         record (bool): keep every state and each step's log-prob (GRPO's rollouts).
         keep_means (bool): with ``record``, also keep each stochastic step's mean (GRPO-Guard's RatioNorm).
@@ -140,7 +139,7 @@ def sample_latents(model: Model, process: Process, cond: dict, x: torch.Tensor, 
     schedule = process.timesteps(num_steps, device=x.device)
     n = x.shape[0]
     m = 0 if known is None else known.shape[2]
-    free_region = None if region is None else (region[:, :, m:] > 0).to(region.dtype)
+    free_region = None if region is None else region[:, :, m:]
     if known is not None:
         known_noise = process.prior(known.shape, device=x.device, generator=generator).to(known.dtype)
     states, log_probs, means = [], [], {}

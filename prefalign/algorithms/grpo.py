@@ -55,19 +55,6 @@ def guard_log_ratio(log_prob: torch.Tensor, old_log_prob: torch.Tensor, mean: to
     return (log_prob - old_log_prob) * sigma + mse / (2 * sigma)
 
 
-def credit_mask(scales: Optional[torch.Tensor], where: str) -> Optional[torch.Tensor]:
-    """The 0/1 mask of the latents a credit region covers, from a rollout's noise scales (1 on the mouth box,
-    ``outside_noise`` or 0 elsewhere; None: noise everywhere): ``"explored"`` every latent with noise, ``"mouth"``
-    the box, ``"outside"`` the explored latents outside it."""
-    if scales is None:
-        return None
-    if where == "explored":
-        return (scales > 0).to(scales.dtype)
-    if where == "mouth":
-        return (scales == 1).to(scales.dtype)
-    return ((scales > 0) & (scales < 1)).to(scales.dtype)
-
-
 def group_spread(values: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The within-group population std of ``values`` averaged over groups, and the fraction of groups with no
     spread (std ≤ 1e-6: every advantage 0, nothing to learn). Non-finite values are left out."""
@@ -169,23 +156,6 @@ class GRPO(Algorithm):
             comes from the region the lip-sync reward judges, not from nuisance variation elsewhere, and the
             policy gradient has no noise directions outside it. Rollouts whose box holds no latent (a mouth outside
             the frame) explore nothing and are counted as ``unexplored_rollouts``.
-        outside_noise (float): with ``explore: mouth``, the std of the window's noise outside the box, relative to
-            the box's (0: none). A little exploration there lets the guards see, within a group, the drift that the
-            update causes outside the mouth, where box-only exploration leaves them blind: the group-relative
-            advantages cannot penalise a change common to the whole group, only one that some rollouts explore.
-            Log-probs then average over every latent at the step's std σ (not the element's ρσ): their gradient
-            moves each latent's mean by ``ρ·ε``, the natural gradient of its Gaussian, so the quieter latents move
-            in proportion to their noise rather than inversely to it.
-        term_regions (dict[str, str] | None): with ``explore: mouth``, a composite reward under
-            ``aggregate: advantage`` and ``ratio_norm``: where each term's advantage is credited, by term name.
-            ``"mouth"``: the box's latents only; ``"outside"``: the latents outside it only (needs
-            ``outside_noise``); a term not named: every explored latent. The update then sums one PPO term per
-            region, each with the log-ratio over that region (summed over its latents and divided by the number of
-            explored ones, so that a latent weighs the same whichever region credits it) and the weighted
-            advantages of its terms. Crediting
-            the lip-sync term to the mouth and the guards to the rest of the frame keeps the sync advantage from
-            pushing the face (the dark-pixel hack lives outside the mouth) and the guards from pulling against the
-            mouth's motion, which the ground truth has more of than the base model.
         grad_diagnostics (bool): also log the gradient norm each trained step contributes (``grad_norm/step_<j>``)
             and the relative size of each optimizer update (``update_size``, ‖Δθ‖/‖θ‖ over trained parameters);
             costs a copy of the trained gradients and weights.
@@ -231,8 +201,6 @@ class GRPO(Algorithm):
         window_stride: int = 1,
         ratio_norm: bool = False,
         explore: str = "all",
-        outside_noise: float = 0.0,
-        term_regions: Optional[dict[str, str]] = None,
         grad_diagnostics: bool = False,
         advantage_clip: float = 5.0,
         global_std: bool = False,
@@ -260,13 +228,6 @@ class GRPO(Algorithm):
                              f"got {window_shift_every}")
         if explore not in ("all", "mouth"):
             raise ValueError(f"GRPO: explore must be 'all' or 'mouth', got {explore!r}")
-        if not 0 <= outside_noise < 1:
-            raise ValueError(f"GRPO: outside_noise must be in [0, 1) (relative to the box's noise), got {outside_noise}")
-        if outside_noise and explore != "mouth":
-            raise ValueError(f"GRPO: outside_noise needs explore: mouth (with explore: {explore!r} the noise is "
-                             "already everywhere)")
-        self.term_regions = dict(term_regions or {})
-        self.check_term_regions(reward, explore, outside_noise, ratio_norm)
         if window_stride < 1:
             raise ValueError(f"GRPO: window_stride must be >= 1, got {window_stride}")
         if max_empty_batches is not None and max_empty_batches < 1:
@@ -287,7 +248,6 @@ class GRPO(Algorithm):
         self.window_stride = window_stride
         self.ratio_norm = ratio_norm
         self.explore = explore
-        self.outside_noise = outside_noise
         self.grad_diagnostics = grad_diagnostics
         self.advantage_clip = advantage_clip
         self.global_std = global_std
@@ -318,24 +278,6 @@ class GRPO(Algorithm):
         start = min(start, self.num_steps - self.sde_window)
         return range(start, start + self.sde_window)
 
-    CREDIT_REGIONS = ("mouth", "outside")
-
-    def check_term_regions(self, reward: Reward, explore: str, outside_noise: float, ratio_norm: bool) -> None:
-        if not self.term_regions:
-            return
-        bad = {name: where for name, where in self.term_regions.items() if where not in self.CREDIT_REGIONS}
-        if bad:
-            raise ValueError(f"GRPO: term_regions values must be one of {list(self.CREDIT_REGIONS)}, got {bad}")
-        if explore != "mouth" or not ratio_norm:
-            raise ValueError("GRPO: term_regions needs explore: mouth (the box the regions are made of) and "
-                             "ratio_norm: true (the old log-probs of a region come from the stored step means)")
-        if not (isinstance(reward, CompositeReward) and reward.aggregate == "advantage"):
-            raise ValueError("GRPO: term_regions needs a CompositeReward with aggregate: advantage (one advantage "
-                             "per term, credited where its region says)")
-        if "outside" in self.term_regions.values() and not outside_noise:
-            raise ValueError("GRPO: a term credited 'outside' needs outside_noise > 0: without noise outside the "
-                             "box nothing there is explored, and the term would train nothing")
-
     # --- rollouts ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, policy: Policy, inputs: dict, num_frames: int, x: torch.Tensor,
@@ -344,13 +286,10 @@ class GRPO(Algorithm):
         """Sample from ``x`` (the prior), storing states and log-probs (``sampling.sample_latents`` with
         ``record``): the steps in ``stochastic`` (default: all) are stochastic, the others deterministic. ``known``
         latents fix the first latent frames (a chunk's given frames). With ``explore: mouth`` the noise is drawn on
-        the mouth box's latents only (and at ``outside_noise`` of its std elsewhere)."""
+        the mouth box's latents only."""
         denoiser = policy.denoiser
         cond = denoiser.condition(inputs, num_frames)
-        region = None
-        if self.explore == "mouth":
-            box = mouth_mask(denoiser, inputs).to(x.dtype)
-            region = box + self.outside_noise * (1 - box) if self.outside_noise else box
+        region = mouth_mask(denoiser, inputs).to(x.dtype) if self.explore == "mouth" else None
         path = sample_latents(denoiser, policy.process, cond, x, self.num_steps, generator,
                               guidance_scale=self.guidance_scale, drop=denoiser.drop_conditions,
                               stochastic=range(self.num_steps) if stochastic is None else stochastic, known=known,
@@ -393,28 +332,6 @@ class GRPO(Algorithm):
         else:
             result[valid] = group_advantages(total[valid], group_ids[valid], self.global_std, self.advantage_clip)
         return result.clamp(-self.advantage_clip, self.advantage_clip)
-
-    def credits(self, advantages: torch.Tensor, terms: dict, group_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The advantages credited to each region of the latents: ``{"explored": advantages}`` without
-        ``term_regions``; else, per region (``"explored"``, ``"mouth"``, ``"outside"``) that a term is credited
-        to, the weighted, clipped advantages of its terms (NaN where ``advantages`` is)."""
-        if not self.term_regions:
-            return {"explored": advantages}
-        valid = torch.isfinite(advantages)
-        kept = self.reward.reward_terms({name: value[valid] for name, value in terms.items() if torch.is_tensor(value)})
-        unknown = sorted(set(self.term_regions) - set(kept))
-        if unknown:
-            raise ValueError(f"GRPO: term_regions names unknown reward terms {unknown}; the terms are {sorted(kept)}")
-        credits = {}
-        for where in ("explored", *self.CREDIT_REGIONS):
-            members = [name for name in kept if self.term_regions.get(name, "explored") == where]
-            if members:
-                credit = torch.full_like(advantages, float("nan"))
-                if valid.any():
-                    credit[valid] = self.reward.weighted_advantages(kept, group_ids[valid], self.global_std,
-                                                                    self.advantage_clip, only=members).to(credit.dtype)
-                credits[where] = credit.clamp(-self.advantage_clip, self.advantage_clip)
-        return credits
 
     def state_dict(self) -> dict:
         """The reward's running statistics and the count of consecutive empty batches (rollout noise is a function
@@ -462,8 +379,7 @@ class GRPO(Algorithm):
         advantages = self.advantages(total.to(policy.device).float(), terms, rollouts.group_ids)
         units = self.trained_units(rollouts.segments, rollouts.generator)
         empty = self.batch_is_empty(policy, advantages)
-        diagnostics = self.update(policy, rollouts.segments, units, self.credits(advantages, terms, rollouts.group_ids),
-                                  empty)
+        diagnostics = self.update(policy, rollouts.segments, units, advantages, empty)
         self.last_rollouts = {  # what the last update saw, for inspection (and the DDP test)
             "group_ids": rollouts.group_ids.cpu(),
             "rewards": total.detach().cpu(),
@@ -504,11 +420,9 @@ class GRPO(Algorithm):
         return empty
 
     def update(self, policy: Policy, segments: list[Segment], units: list[tuple[int, int]],
-               credits: dict[str, torch.Tensor], empty: bool) -> dict:
-        """``inner_epochs`` optimizer steps over the stored trajectories, gradients accumulated over ``units``, from
-        the advantages of each credit region (:meth:`credits`). Returns the diagnostics: per-sample statistics,
-        gradient norms per sampler step, update sizes."""
-        advantages = next(iter(credits.values()))
+               advantages: torch.Tensor, empty: bool) -> dict:
+        """``inner_epochs`` optimizer steps over the stored trajectories, gradients accumulated over ``units``.
+        Returns the diagnostics: per-sample statistics, gradient norms per sampler step, update sizes."""
         stats = {"ratio": [], "clip_fraction": [], "approx_kl": [], "kl": [], "policy_loss": [], "ratio_drift": []}
         trained = policy.trainable_parameters() if self.grad_diagnostics else []
         step_grads: dict[int, list[float]] = {}
@@ -528,7 +442,7 @@ class GRPO(Algorithm):
                 cond = self.update_conditions(policy, segments[s])
                 for part in micro_batches(advantages.shape[0], self.micro_batch):
                     self.train_part(policy, segments[s], (schedule[j], schedule[j + 1]), j, part, cond,
-                                    credits, scale, stats, last_epoch=epoch == self.inner_epochs - 1)
+                                    advantages, scale, stats, last_epoch=epoch == self.inner_epochs - 1)
                 if trained:
                     added = sum(((p.grad if b is None else p.grad - b).float().pow(2).sum() for p, b in
                                  zip(trained, grads_before) if p.grad is not None), torch.zeros(()))
@@ -551,41 +465,29 @@ class GRPO(Algorithm):
         return segment.cond
 
     def train_part(self, policy: Policy, segment: Segment, times: tuple, j: int, part: slice, cond: dict,
-                   credits: dict[str, torch.Tensor], scale: int, stats: dict, last_epoch: bool) -> None:
+                   advantages: torch.Tensor, scale: int, stats: dict, last_epoch: bool) -> None:
         """Backward of the PPO-clip loss (and the KL) of sampler step ``j``, from ``times = (t_j, t_j+1)``, for the
-        rollouts ``part``: one PPO term per credit region (:meth:`credits`), each over its region's latents."""
+        rollouts ``part``."""
         denoiser, process = policy.denoiser, policy.process
         t, t_next = times
-        any_credit = next(iter(credits.values()))
-        n, m = any_credit.shape[0], segment.free_from
-        part_valid = torch.isfinite(any_credit)[part]
+        n, m = advantages.shape[0], segment.free_from
+        part_valid = torch.isfinite(advantages)[part]
         part_cond = slice_conditions(cond, part, n)
         x, x_next = segment.states[j][part], segment.states[j + 1][part]
         mean, std = self.step_distribution(denoiser, process, x, t, t_next, part_cond, denoiser.drop_conditions)
-        scales = None if segment.region is None else segment.region[part]
-        per_sample, ratios, log_ratios = 0, [], []
-        explored = credit_mask(scales, "explored")
-        for where, advantages in credits.items():
-            region = credit_mask(scales, where)
-            log_prob = process.log_prob(x_next[:, :, m:], mean[:, :, m:], std, region)
-            old_log_prob = segment.log_probs[j][part]
-            if where != "explored":  # the region's density under the rollout policy, from its stored means
-                old_log_prob = process.log_prob(x_next[:, :, m:], segment.means[j][part][:, :, m:], std, region)
-            if self.ratio_norm:  # the ratio becomes exp(guard_log_ratio)
-                log_prob = old_log_prob + guard_log_ratio(
-                    log_prob, old_log_prob, mean[:, :, m:], segment.means[j][part][:, :, m:], std, region)
-            if where != "explored":  # each latent weighs as in the average over every explored latent
-                share = region.flatten(1).sum(1) / explored.flatten(1).sum(1).clamp_min(1)
-                log_prob = old_log_prob + (log_prob - old_log_prob) * share
-            loss, ratio = ppo_clip_loss(log_prob, old_log_prob, torch.nan_to_num(advantages[part]), self.clip_range)
-            per_sample = per_sample + loss
-            ratios.append(ratio)
-            log_ratios.append(log_prob - old_log_prob)
+        region = None if segment.region is None else segment.region[part]
+        log_prob = process.log_prob(x_next[:, :, m:], mean[:, :, m:], std, region)
+        old_log_prob = segment.log_probs[j][part]
+        if self.ratio_norm:  # the ratio becomes exp(guard_log_ratio)
+            log_prob = old_log_prob + guard_log_ratio(
+                log_prob, old_log_prob, mean[:, :, m:], segment.means[j][part][:, :, m:], std, region)
+        per_sample, ratio = ppo_clip_loss(log_prob, old_log_prob, torch.nan_to_num(advantages[part]),
+                                          self.clip_range)
         if self.kl_beta > 0:
             with policy.reference() as reference:
                 ref_mean, _ = self.step_distribution(reference, process, x, t, t_next, part_cond,
                                                      denoiser.drop_conditions)
-            kl = gaussian_kl(mean[:, :, m:], ref_mean[:, :, m:], std, explored)
+            kl = gaussian_kl(mean[:, :, m:], ref_mean[:, :, m:], std, region)
             per_sample = per_sample + self.kl_beta * kl
         # A part without a valid sample still goes through backward (a zero loss): see batch_is_empty.
         per_sample = torch.where(part_valid, per_sample, torch.zeros_like(per_sample))
@@ -594,10 +496,10 @@ class GRPO(Algorithm):
             return
         if self.kl_beta > 0:
             stats["kl"].append(kl[part_valid].detach())
-        ratio = torch.cat([r[part_valid].detach() for r in ratios])
+        ratio = ratio[part_valid].detach()
         stats["ratio"].append(ratio)
         stats["clip_fraction"].append(((ratio - 1).abs() > self.clip_range).float())
-        stats["approx_kl"].append(torch.cat([0.5 * lr[part_valid].detach() ** 2 for lr in log_ratios]))
+        stats["approx_kl"].append(0.5 * (log_prob - old_log_prob)[part_valid].detach() ** 2)
         stats["policy_loss"].append(per_sample[part_valid].detach())
         if last_epoch:  # how far the last pass has moved from the rollout policy
             stats["ratio_drift"].append((ratio - 1).abs())

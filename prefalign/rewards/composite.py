@@ -6,7 +6,7 @@ Also holds :func:`group_advantages`, the per-group standardisation that GRPO app
 from __future__ import annotations
 
 import copy
-from typing import Collection, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -226,10 +226,8 @@ class CompositeReward(Reward):
         group_ids: torch.Tensor,
         global_std: bool = False,
         clip: Optional[float] = 5.0,
-        only: Optional[Collection[str]] = None,
     ) -> torch.Tensor:
-        """``Σ_t w_t · A_t`` ``[B]``, ``A_t = group_advantages(r_t, group_ids, global_std, clip)`` per raw term
-        (per term named in ``only``, where given: GRPO's ``term_regions`` credits each region its own terms).
+        """``Σ_t w_t · A_t`` ``[B]``, ``A_t = group_advantages(r_t, group_ids, global_std, clip)`` per raw term.
 
         The terms are used raw (``normalize`` does not apply): standardising within groups already makes each
         term's advantage scale-free. The 1e-4 added to the group std is in the term's own units, so a term whose
@@ -238,12 +236,8 @@ class CompositeReward(Reward):
         terms = self.reward_terms(terms)
         _check_finite(terms, type(self).__name__)
         weights = self.weight_of(terms)
-        unknown = sorted(set(only or ()) - set(terms))
-        if unknown:
-            raise ValueError(f"terms {unknown} are not among the reward's terms {sorted(terms)}")
         return sum(
-            weights[name] * group_advantages(value, group_ids, global_std, clip)
-            for name, value in terms.items() if only is None or name in only
+            weights[name] * group_advantages(value, group_ids, global_std, clip) for name, value in terms.items()
         )
 
     def state_dict(self) -> dict:
