@@ -20,6 +20,12 @@ from PIL import Image
 from prefalign.data.errors import DataError
 from prefalign.files import inside, temp_path, unique_files
 
+# PyAV 17 and later convert frames with a pool of swscale slice threads (``threads=0``: one per CPU). In processes
+# forked from one that had decoded video (a DataLoader worker, the hostile suite's cases) that pool has been seen
+# to wait forever for its workers; one thread has no pool to wait on. PyAV before 17 converts in one thread and has
+# no such option.
+ONE_THREAD_SCALING = {"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else {}
+
 SILENCE_PEAK = 1e-4
 """A track whose peak amplitude is below this is treated as silent (no speech to align to)."""
 
@@ -132,7 +138,7 @@ def read_video(
                 if len(frames) == max_frames:
                     raise DataError(_too_many_frames(f"more than {max_frames} frames", max_frames), path=path,
                                     field=field)
-                frames.append(frame.to_ndarray(format="rgb24"))
+                frames.append(frame.to_ndarray(format="rgb24", **ONE_THREAD_SCALING))
                 times.append(None if frame.pts is None or frame.time_base is None else frame.pts * frame.time_base)
         except av.FFmpegError as error:
             raise DataError(f"cannot decode video: {error}", path=path, field=field) from error
