@@ -22,8 +22,8 @@ from prefalign.files import inside, temp_path, unique_files
 
 # PyAV 17 and later convert frames with a pool of swscale slice threads (``threads=0``: one per CPU). In processes
 # forked from one that had decoded video (a DataLoader worker, the hostile suite's cases) that pool has been seen
-# to wait forever for its workers; one thread has no pool to wait on. PyAV before 17 converts in one thread and has
-# no such option.
+# to wait forever for its workers; one thread has no pool to wait on. Every pixel-format conversion here (decoding
+# to RGB, RGB to the encoder's yuv420p) passes it. PyAV before 17 converts in one thread and has no such option.
 ONE_THREAD_SCALING = {"threads": 1} if int(av.__version__.split(".")[0]) >= 17 else {}
 
 SILENCE_PEAK = 1e-4
@@ -371,7 +371,9 @@ def write_video(
             # Audio is fed frame by frame alongside the video so that the muxer can interleave the two tracks.
             audio_done = 0
             for index, image in enumerate(frames):
-                frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+                # Converted here, not by the encoder, whose conversion uses its own thread count.
+                frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p",
+                                                                                   **ONE_THREAD_SCALING)
                 frame.pts = index
                 frame.time_base = 1 / rate
                 container.mux(video.encode(frame))
