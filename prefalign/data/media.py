@@ -372,7 +372,7 @@ def write_video(
             audio_done = 0
             for index, image in enumerate(frames):
                 # Converted here, not by the encoder, whose conversion uses its own thread count.
-                frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format="yuv420p",
+                frame = av.VideoFrame.from_ndarray(image, format="rgb24").reformat(format=video.pix_fmt,
                                                                                    **ONE_THREAD_SCALING)
                 frame.pts = index
                 frame.time_base = 1 / rate
